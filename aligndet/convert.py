@@ -1,0 +1,148 @@
+"""Convert detectors to and from torchvision's implementations.
+
+    tv_model = to_torchvision(model)      # same weights and settings
+    model = from_torchvision(tv_model)    # e.g. torchvision's COCO checkpoints
+
+With the same weights both give the same detections (see
+tests/test_torchvision_equivalence.py), so torchvision's pre-trained COCO
+detectors can be evaluated and fine-tuned here, and our models can be used
+wherever torchvision's are.
+"""
+import torchvision
+from torch import nn
+from torchvision.models.detection import FasterRCNN as TVFasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN as TVBackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead as TVTwoMLPHead
+from torchvision.models.detection.rpn import RPNHead as TVRPNHead
+from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from aligndet.models.backbone import RESNETS, NORM_LAYERS
+from aligndet.models.faster_rcnn import FasterRCNN, build_faster_rcnn
+from aligndet.models.transform import IMAGENET_MEAN, IMAGENET_STD
+
+# Our parameter name -> torchvision's, where they differ.
+_RPN_CONV = ("rpn.head.conv.", "rpn.head.conv.0.0.")
+
+
+def _to_tv_key(key: str) -> str:
+    return key.replace(*_RPN_CONV) if key.startswith(_RPN_CONV[0]) else key
+
+
+def _from_tv_key(key: str) -> str:
+    return key.replace(_RPN_CONV[1], _RPN_CONV[0]) if key.startswith(_RPN_CONV[1]) else key
+
+
+def _resnet_name(body: nn.Module) -> str:
+    """Tell the ResNet depth from the number of blocks per stage."""
+    blocks = tuple(len(getattr(body, f"layer{i}")) for i in range(1, 5))
+    bottleneck = hasattr(body.layer1[0], "conv3")
+    depths = {(2, 2, 2, 2, False): "resnet18", (3, 4, 6, 3, False): "resnet34", (3, 4, 6, 3, True): "resnet50",
+              (3, 4, 23, 3, True): "resnet101", (3, 8, 36, 3, True): "resnet152"}
+    name = depths.get(blocks + (bottleneck,))
+    if name is None or name not in RESNETS:
+        raise ValueError(f"unsupported backbone: ResNet stages with {blocks} blocks")
+    return name
+
+
+def _norm_name(body: nn.Module) -> str:
+    return next(k for k, v in NORM_LAYERS.items() if isinstance(body.bn1, v))
+
+
+def _settings(model) -> dict:
+    """The build_faster_rcnn arguments that reproduce `model`, read off any
+    Faster R-CNN with our or torchvision's attribute names."""
+    transform, rpn, roi = model.transform, model.rpn, model.roi_heads
+    if isinstance(model, TVFasterRCNN):
+        fpn_channels = model.backbone.out_channels
+        predictor = roi.box_predictor
+        num_classes = predictor.cls_score.out_features - 1
+        pre, post = rpn._pre_nms_top_n, rpn._post_nms_top_n
+        fg_bg = rpn.fg_bg_sampler.batch_size_per_image, roi.fg_bg_sampler.batch_size_per_image
+        anchor_sizes, ratios = rpn.anchor_generator.sizes, rpn.anchor_generator.aspect_ratios
+        min_size = transform.min_size
+        if not isinstance(roi.box_head, TVTwoMLPHead) or not isinstance(predictor, FastRCNNPredictor):
+            raise ValueError("only the two-fc box head (fasterrcnn_resnet50_fpn / fasterrcnn_*) converts; "
+                             "the _v2 conv head is not supported")
+        representation = roi.box_head.fc7.out_features
+        weights = roi.box_coder.weights
+    else:
+        fpn_channels = model.backbone.out_channels
+        num_classes = model.num_classes
+        pre, post = rpn.pre_nms_top_n, rpn.post_nms_top_n
+        fg_bg = rpn.batch_size_per_image, roi.batch_size_per_image
+        anchor_sizes, ratios = rpn.anchor_generator.sizes, rpn.anchor_generator.aspect_ratios
+        min_size = transform.min_size
+        representation = roi.box_head.fc7.out_features
+        weights = roi.box_coder.weights
+    if any(len(s) != 1 for s in anchor_sizes) or len(set(map(tuple, ratios))) != 1:
+        raise ValueError("conversion supports one anchor size per level and the same ratios on every level")
+    if tuple(weights) != (10.0, 10.0, 5.0, 5.0):
+        raise ValueError(f"unsupported box coder weights {weights}")
+    settings = dict(
+        num_classes=num_classes, backbone=_resnet_name(model.backbone.body), norm=_norm_name(model.backbone.body),
+        fpn_channels=fpn_channels, min_size=tuple(min_size) if len(min_size) > 1 else min_size[0],
+        max_size=transform.max_size, anchor_sizes=tuple(s[0] for s in anchor_sizes), aspect_ratios=tuple(ratios[0]),
+        rpn_pre_nms_top_n_train=pre["training"], rpn_pre_nms_top_n_test=pre["testing"],
+        rpn_post_nms_top_n_train=post["training"], rpn_post_nms_top_n_test=post["testing"],
+        rpn_nms_thresh=rpn.nms_thresh, rpn_batch_size_per_image=fg_bg[0], box_batch_size_per_image=fg_bg[1],
+        representation_size=representation, box_score_thresh=roi.score_thresh, box_nms_thresh=roi.nms_thresh,
+        box_detections_per_img=roi.detections_per_img,
+    )
+    for value, expected in ((transform.image_mean, IMAGENET_MEAN), (transform.image_std, IMAGENET_STD)):
+        if any(abs(a - b) > 1e-6 for a, b in zip(value, expected)):
+            raise ValueError(f"only ImageNet normalisation converts, got mean/std {value}")
+    if isinstance(model, TVFasterRCNN) and (transform.size_divisible != 32 or transform.fixed_size is not None):
+        raise ValueError("only size_divisible=32 without fixed_size converts")
+    return settings
+
+
+def to_torchvision(model: FasterRCNN) -> TVFasterRCNN:
+    """A torchvision FasterRCNN with the same settings and (copied) weights."""
+    if not isinstance(model, FasterRCNN):
+        raise TypeError(f"to_torchvision supports FasterRCNN, got {type(model).__name__}")
+    s = _settings(model)
+    body = model.backbone.body
+    resnet = getattr(torchvision.models, s["backbone"])(weights=None, norm_layer=NORM_LAYERS[s["norm"]])
+    stage_channels = body.stage_channels()
+    tv_backbone = TVBackboneWithFPN(resnet, {f"layer{i}": str(i - 1) for i in range(1, 5)}, stage_channels,
+                                    s["fpn_channels"], extra_blocks=LastLevelMaxPool())
+    anchors = TVAnchorGenerator(tuple((a,) for a in s["anchor_sizes"]), (s["aspect_ratios"],) * len(s["anchor_sizes"]))
+    tv = TVFasterRCNN(
+        tv_backbone, min_size=s["min_size"], max_size=s["max_size"],
+        rpn_anchor_generator=anchors,
+        rpn_head=TVRPNHead(s["fpn_channels"], len(s["aspect_ratios"])),
+        rpn_pre_nms_top_n_train=s["rpn_pre_nms_top_n_train"], rpn_pre_nms_top_n_test=s["rpn_pre_nms_top_n_test"],
+        rpn_post_nms_top_n_train=s["rpn_post_nms_top_n_train"], rpn_post_nms_top_n_test=s["rpn_post_nms_top_n_test"],
+        rpn_nms_thresh=s["rpn_nms_thresh"], rpn_batch_size_per_image=s["rpn_batch_size_per_image"],
+        box_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2),
+        box_head=TVTwoMLPHead(s["fpn_channels"] * 49, s["representation_size"]),
+        box_predictor=FastRCNNPredictor(s["representation_size"], s["num_classes"] + 1),
+        box_score_thresh=s["box_score_thresh"], box_nms_thresh=s["box_nms_thresh"],
+        box_detections_per_img=s["box_detections_per_img"], box_batch_size_per_image=s["box_batch_size_per_image"],
+    )
+    state = {_to_tv_key(k): v for k, v in model.state_dict().items()}
+    tv.load_state_dict(state, strict=True)
+    _copy_trainable_flags(model, tv, _to_tv_key)
+    return tv.train(model.training)
+
+
+def from_torchvision(tv_model: TVFasterRCNN) -> FasterRCNN:
+    """Our FasterRCNN with the settings and weights of a torchvision one."""
+    if not isinstance(tv_model, TVFasterRCNN):
+        raise TypeError(f"from_torchvision supports torchvision FasterRCNN, got {type(tv_model).__name__}")
+    s = _settings(tv_model)
+    num_classes = s.pop("num_classes")
+    model = build_faster_rcnn(num_classes, **s)
+    state = {_from_tv_key(k): v for k, v in tv_model.state_dict().items()}
+    model.load_state_dict(state, strict=True)
+    _copy_trainable_flags(tv_model, model, _from_tv_key)
+    return model.train(tv_model.training)
+
+
+def _copy_trainable_flags(src: nn.Module, dst: nn.Module, rename):
+    """Frozen backbone stages stay frozen across the conversion."""
+    dst_params = dict(dst.named_parameters())
+    for name, param in src.named_parameters():
+        dst_params[rename(name)].requires_grad_(param.requires_grad)

@@ -1,0 +1,19 @@
+"""Detectors. `build_detector(name, num_classes, backbone=..., **options)`
+builds any of them by name; options are the named arguments of each
+detector's `build_*` function."""
+from .faster_rcnn import FasterRCNN, build_faster_rcnn
+
+DETECTORS = {
+    "faster_rcnn": build_faster_rcnn,
+}
+
+
+def build_detector(name: str, num_classes: int, backbone: str = "resnet50", **options):
+    if name not in DETECTORS:
+        raise ValueError(f"unknown detector {name!r}; available: {', '.join(sorted(DETECTORS))}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+    return DETECTORS[name](num_classes, backbone=backbone, **options)
+
+
+__all__ = ["DETECTORS", "FasterRCNN", "build_detector", "build_faster_rcnn"]

@@ -1,0 +1,95 @@
+"""Faster R-CNN with FPN (Ren et al. 2015; Lin et al. 2017), following
+torchvision's detection API:
+
+    model.train(); losses = model(images, targets)   # dict of scalar losses
+    model.eval();  detections = model(images)        # [{"boxes", "scores", "labels"}]
+
+images: list of float [3, H, W] tensors in [0, 1]; targets: list of
+{"boxes": [N, 4] xyxy pixels, "labels": [N] int64 in 1..num_classes}.
+Detections are in the input images' pixel coordinates.
+"""
+import torch
+from torch import nn
+from torchvision.ops import MultiScaleRoIAlign
+
+from .anchors import AnchorGenerator
+from .backbone import BackboneWithFPN, build_backbone
+from .roi_heads import BoxPredictor, RoIHeads, TwoMLPHead
+from .rpn import RegionProposalNetwork, RPNHead
+from .transform import DetectionTransform
+
+
+class FasterRCNN(nn.Module):
+    """transform -> backbone (+FPN) -> RPN -> RoI heads -> detections.
+
+    num_classes counts object classes only; label 0 is background.
+    """
+
+    def __init__(self, backbone: BackboneWithFPN, transform: DetectionTransform, rpn: RegionProposalNetwork,
+                 roi_heads: RoIHeads, num_classes: int):
+        super().__init__()
+        self.transform = transform
+        self.backbone = backbone
+        self.rpn = rpn
+        self.roi_heads = roi_heads
+        self.num_classes = num_classes
+
+    def forward(self, images, targets=None):
+        if self.training:
+            if targets is None:
+                raise ValueError("targets are needed in training mode")
+            check_targets(targets, self.num_classes)
+        original_sizes = [tuple(im.shape[-2:]) for im in images]
+        batch, image_sizes, targets = self.transform(images, targets)
+        features = self.backbone(batch)
+        proposals, rpn_losses = self.rpn(image_sizes, batch.shape[-2:], list(features.values()), targets)
+        detections, roi_losses = self.roi_heads(features, proposals, image_sizes, targets)
+        if self.training:
+            return {**rpn_losses, **roi_losses}
+        return self.transform.postprocess(detections, image_sizes, original_sizes)
+
+
+def check_targets(targets, num_classes: int):
+    """Clear errors for malformed targets, before they fail deep inside torch."""
+    for i, t in enumerate(targets):
+        boxes, labels = t.get("boxes"), t.get("labels")
+        if boxes is None or labels is None:
+            raise ValueError(f"target {i} needs 'boxes' and 'labels'")
+        if boxes.dim() != 2 or boxes.shape[-1] != 4 or labels.shape != boxes.shape[:1]:
+            raise ValueError(f"target {i}: boxes must be [N, 4] and labels [N], got {tuple(boxes.shape)} "
+                             f"and {tuple(labels.shape)}")
+        if boxes.numel() and not bool(((boxes[:, 2:] > boxes[:, :2]).all())):
+            bad = torch.nonzero((boxes[:, 2:] <= boxes[:, :2]).any(1)).flatten().tolist()
+            raise ValueError(f"target {i}: boxes {bad} have zero or negative width/height (xyxy expected)")
+        if labels.numel() and not (1 <= int(labels.min()) and int(labels.max()) <= num_classes):
+            raise ValueError(f"target {i}: labels must lie in 1..{num_classes}, got {labels.tolist()}")
+
+
+def build_faster_rcnn(num_classes: int, backbone: str = "resnet50", *, backbone_weights=None,
+                      norm: str = "frozen_bn", trainable_layers: int = 3, fpn_channels: int = 256,
+                      min_size=800, max_size: int = 1333, anchor_sizes=(32, 64, 128, 256, 512),
+                      aspect_ratios=(0.5, 1.0, 2.0), rpn_pre_nms_top_n_train: int = 2000,
+                      rpn_pre_nms_top_n_test: int = 1000, rpn_post_nms_top_n_train: int = 2000,
+                      rpn_post_nms_top_n_test: int = 1000, rpn_nms_thresh: float = 0.7,
+                      rpn_batch_size_per_image: int = 256, box_batch_size_per_image: int = 512,
+                      representation_size: int = 1024, box_score_thresh: float = 0.05,
+                      box_nms_thresh: float = 0.5, box_detections_per_img: int = 100) -> FasterRCNN:
+    """Faster R-CNN with a ResNet-FPN backbone. Defaults are the standard
+    COCO settings (torchvision's fasterrcnn_resnet50_fpn); shrink fpn_channels,
+    representation_size, sampling sizes, anchor sizes and image sizes for
+    small CPU runs. anchor_sizes holds one size per pyramid level (P2-P6)."""
+    body = build_backbone(backbone, backbone_weights, norm, trainable_layers, (1, 2, 3, 4), fpn_channels, "maxpool")
+    anchors = AnchorGenerator(tuple((s,) for s in anchor_sizes), (tuple(aspect_ratios),) * len(anchor_sizes))
+    rpn = RegionProposalNetwork(
+        anchors, RPNHead(fpn_channels, anchors.num_anchors_per_location()[0]),
+        batch_size_per_image=rpn_batch_size_per_image,
+        pre_nms_top_n={"training": rpn_pre_nms_top_n_train, "testing": rpn_pre_nms_top_n_test},
+        post_nms_top_n={"training": rpn_post_nms_top_n_train, "testing": rpn_post_nms_top_n_test},
+        nms_thresh=rpn_nms_thresh)
+    pool = MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=2)
+    roi_heads = RoIHeads(pool, TwoMLPHead(fpn_channels * 7 * 7, representation_size),
+                         BoxPredictor(representation_size, num_classes),
+                         batch_size_per_image=box_batch_size_per_image, score_thresh=box_score_thresh,
+                         nms_thresh=box_nms_thresh, detections_per_img=box_detections_per_img)
+    transform = DetectionTransform(min_size, max_size)
+    return FasterRCNN(body, transform, rpn, roi_heads, num_classes)
