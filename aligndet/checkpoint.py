@@ -98,3 +98,82 @@ def _to_primitive(value):
     if isinstance(value, argparse.Namespace):
         return _to_primitive(vars(value))
     return str(value)  # Path, torch.dtype, torch.device, ...
+
+
+def _state_dict_of(checkpoint):
+    """The weights inside a checkpoint: its ``backbone`` or ``model`` entry, or
+    the checkpoint itself when it is a bare state dict."""
+    for key in ("backbone", "model", "state_dict"):
+        if isinstance(checkpoint.get(key), dict):
+            return checkpoint[key]
+    return checkpoint
+
+
+def load_pretrained(model, path, keep_heads=False, log=print):
+    """Initialise ``model`` from a stage checkpoint and print what happened.
+
+    Accepted layouts (AlignDet's transfer, DESIGN section 3.8):
+      - image-domain (stage 1): a ResNet state dict (keys ``conv1.weight``,
+        ``layer1.0...``), bare or under ``backbone`` / ``model``; loaded into
+        ``model.backbone.body``;
+      - box-domain (stage 2) or any detector checkpoint: a detector state
+        dict under ``model`` (keys ``backbone.body...``, ``rpn...``,
+        ``roi_heads...``); loaded whole, except the layers named in
+        ``model.OUTPUT_LAYERS`` (final classification / regression layers),
+        which stay re-initialised unless ``keep_heads``. Keys the model does
+        not have (e.g. the pre-training embedding MLP) are reported as
+        unexpected and ignored; tensors whose shape differs are re-initialised.
+
+    Returns a dict of key lists: loaded, reinitialised, unexpected, mismatched.
+    """
+    state = _state_dict_of(load_checkpoint(path))
+    if not state or not all(torch.is_tensor(v) for v in state.values()):
+        raise CheckpointError(f"{path} holds no state dict of tensors")
+    own = model.state_dict()
+    if any(k.startswith("backbone.") for k in state):
+        prefix, kind = "", "detector"
+    elif any(k.startswith(("conv1.", "layer1.")) for k in state):
+        prefix, kind = "backbone.body.", "backbone"
+    else:
+        raise CheckpointError(f"{path}: neither a detector nor a ResNet state dict "
+                              f"(first keys: {list(state)[:3]})")
+    skip = () if keep_heads else tuple(getattr(model, "OUTPUT_LAYERS", ()))
+    loaded, unexpected, mismatched, new_state = [], [], [], {}
+    for key, value in state.items():
+        key = prefix + key
+        if key not in own:
+            unexpected.append(key)
+        elif key.startswith(skip):
+            continue
+        elif own[key].shape != value.shape:
+            mismatched.append(f"{key} {tuple(value.shape)} vs {tuple(own[key].shape)}")
+        else:
+            new_state[key] = value
+            loaded.append(key)
+    model.load_state_dict(new_state, strict=False)
+    reinitialised = [k for k in own if k not in new_state and not k.endswith("num_batches_tracked")]
+    if not loaded:
+        raise CheckpointError(f"{path}: no tensor matches the model; is it for another architecture?")
+    report = dict(loaded=loaded, reinitialised=reinitialised, unexpected=unexpected, mismatched=mismatched)
+    groups = {}
+    for key in loaded:
+        group = ".".join(key.split(".")[:2]) if key.startswith("backbone.") else key.split(".")[0]
+        groups[group] = groups.get(group, 0) + 1
+    log(f"init from {path} ({kind} weights): loaded {len(loaded)} tensors "
+        f"({', '.join(f'{g}: {n}' for g, n in groups.items())})")
+    for name, keys in (("re-initialised", reinitialised), ("unexpected (ignored)", unexpected),
+                       ("shape mismatch (re-initialised)", mismatched)):
+        if keys:
+            shown = ", ".join(_collapse(keys)[:12])
+            log(f"  {name}: {len(keys)}: {shown}")
+    return report
+
+
+def _collapse(keys):
+    """Group keys by module for a short report: 'roi_heads.box_predictor.*'."""
+    out = []
+    for key in keys:
+        head = key.split(" ")[0].rsplit(".", 1)[0] + ".*"
+        if head not in out:
+            out.append(head)
+    return out

@@ -25,6 +25,9 @@ class FasterRCNN(nn.Module):
     num_classes counts object classes only; label 0 is background.
     """
 
+    # Final layers that fine-tuning re-initialises after pre-training (DESIGN 3.8).
+    OUTPUT_LAYERS = ("roi_heads.box_predictor.",)
+
     def __init__(self, backbone: BackboneWithFPN, transform: DetectionTransform, rpn: RegionProposalNetwork,
                  roi_heads: RoIHeads, num_classes: int):
         super().__init__()

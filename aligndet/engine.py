@@ -1,0 +1,122 @@
+"""Train one epoch and evaluate: the loops every script shares."""
+import contextlib
+import json
+import math
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from aligndet.distributed import is_main_process, reduce_dict
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or infinite; training stops rather than corrupting weights."""
+
+
+def step_lr(iteration: int, base_lr: float, iters_per_epoch: int, warmup_iters: int = 500,
+            warmup_factor: float = 0.001, steps=(8, 11), gamma: float = 0.1) -> float:
+    """Learning rate at a global iteration: linear warm-up from
+    base_lr * warmup_factor over warmup_iters, times gamma at each epoch in steps."""
+    lr = base_lr * gamma ** sum(iteration >= s * iters_per_epoch for s in steps)
+    if iteration < warmup_iters:
+        alpha = iteration / warmup_iters
+        lr *= warmup_factor * (1 - alpha) + alpha
+    return lr
+
+
+def autocast(device: torch.device, amp: str):
+    """Mixed precision on CUDA ("bf16" / "fp16"); a no-op otherwise."""
+    if amp == "none" or device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def to_device(images, targets, device):
+    images = [im.to(device, non_blocking=True) for im in images]
+    targets = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
+               for t in targets]
+    return images, targets
+
+
+def train_one_epoch(model, optimizer, batches, device, epoch: int, lr_at, start_iter: int = 0,
+                    iters_per_epoch: int = None, amp: str = "none", scaler=None, weight_dict=None,
+                    log_file=None, print_freq: int = 20, on_iteration=None, max_iters: int = None):
+    """One pass over `batches` (an iterable of (images, targets)).
+
+    lr_at(global_iteration) sets the learning rate before every step.
+    on_iteration(iteration) runs after every step (periodic checkpoints).
+    weight_dict scales each loss term (default 1). Returns the epoch's mean
+    of every logged value.
+    """
+    model.train()
+    weight_dict = weight_dict or {}
+    sums, count, skipped = {}, 0, 0
+    bar = tqdm(batches, total=iters_per_epoch, initial=start_iter, desc=f"epoch {epoch}",
+               disable=not is_main_process(), dynamic_ncols=True, file=sys.stdout)
+    start = time.time()
+    for iteration, (images, targets) in enumerate(bar, start=start_iter):
+        if max_iters is not None and iteration >= max_iters:
+            break
+        if not images:  # every image of the batch was unreadable
+            skipped += 1
+            continue
+        images, targets = to_device(images, targets, device)
+        global_iter = epoch * iters_per_epoch + iteration
+        lr = lr_at(global_iter)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with autocast(device, amp):
+            losses = model(images, targets)
+        loss = sum(losses[k] * weight_dict.get(k, 1.0) for k in losses)
+        logged = reduce_dict({k: v.detach() for k, v in losses.items()})
+        total = sum(logged.values()).item()
+        if not math.isfinite(total):
+            raise NonFiniteLossError(
+                f"loss is {total} at epoch {epoch}, iteration {iteration}: "
+                + ", ".join(f"{k}={v.item():.4g}" for k, v in logged.items())
+                + ". Try a lower --lr or longer --warmup-iters.")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        record = {"loss": total, **{k: v.item() for k, v in logged.items()}, "lr": lr}
+        for k, v in record.items():
+            sums[k] = sums.get(k, 0.0) + v
+        count += 1
+        if is_main_process():
+            bar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.2e}")
+            if log_file is not None and (iteration % print_freq == 0 or iteration == iters_per_epoch - 1):
+                line = {"epoch": epoch, "iter": iteration, **record, "time": round(time.time() - start, 2)}
+                log_file.write(json.dumps(line) + "\n")
+                log_file.flush()
+        if on_iteration is not None:
+            on_iteration(iteration)
+    bar.close()
+    means = {k: v / max(count, 1) for k, v in sums.items()}
+    if skipped:
+        means["skipped_batches"] = skipped
+    return means
+
+
+@torch.no_grad()
+def evaluate(model, batches, evaluator, device, amp: str = "none", total=None, verbose=True) -> dict:
+    """Runs `model` (unwrapped from DDP) over `batches` of (images, targets),
+    feeds detections to `evaluator` (CocoEvaluator) and returns its stats."""
+    model.eval()
+    for images, targets in tqdm(batches, total=total, desc="eval", disable=not is_main_process(),
+                                dynamic_ncols=True, file=sys.stdout):
+        if not images:
+            continue
+        images, _ = to_device(images, [], device)
+        with autocast(device, amp):
+            outputs = model(images)
+        outputs = [{k: v.float().cpu() if k != "labels" else v.cpu() for k, v in o.items()} for o in outputs]
+        evaluator.update(targets, outputs)
+    evaluator.synchronize()
+    return evaluator.summarize(verbose=verbose)
