@@ -171,6 +171,24 @@ def model_options(args):
     return opts
 
 
+def build_datasets(args):
+    """Training set (optionally a --label-fraction subset) and validation set."""
+    train_set = CocoDetection(args.train_images, args.train_json, train_transforms(), remove_empty=True)
+    if args.label_fraction < 1.0:
+        ids = label_fraction_split(train_set.ids, args.label_fraction, args.fold)
+        train_set = CocoDetection(args.train_images, args.train_json, train_transforms(), image_ids=ids,
+                                  remove_empty=True)
+    val_set = CocoDetection(args.val_images, args.val_json, eval_transforms())
+    if args.max_val_images:
+        val_set = CocoDetection(args.val_images, args.val_json, eval_transforms(),
+                                image_ids=val_set.ids[: args.max_val_images])
+    if train_set.label_to_cat != val_set.label_to_cat:
+        sys.exit("finetune.py: the training and validation jsons list different categories")
+    if len(train_set) == 0:
+        sys.exit(f"finetune.py: no usable training images. {train_set.report()}")
+    return train_set, val_set
+
+
 class EpochBatches:
     """This process's batches for one epoch, resumable mid-epoch.
 
@@ -207,19 +225,7 @@ def main(args):
         print(f"--amp {args.amp} needs CUDA; running in float32 on {device}")
         args.amp = "none"
 
-    train_set = CocoDetection(args.train_images, args.train_json, train_transforms(), remove_empty=True)
-    if args.label_fraction < 1.0:
-        ids = label_fraction_split(train_set.ids, args.label_fraction, args.fold)
-        train_set = CocoDetection(args.train_images, args.train_json, train_transforms(), image_ids=ids,
-                                  remove_empty=True)
-    val_set = CocoDetection(args.val_images, args.val_json, eval_transforms())
-    if args.max_val_images:
-        val_set = CocoDetection(args.val_images, args.val_json, eval_transforms(),
-                                image_ids=val_set.ids[: args.max_val_images])
-    if train_set.label_to_cat != val_set.label_to_cat:
-        sys.exit("finetune.py: the training and validation jsons list different categories")
-    if len(train_set) == 0:
-        sys.exit(f"finetune.py: no usable training images. {train_set.report()}")
+    train_set, val_set = build_datasets(args)
     if main_proc:
         print(train_set.report())
         print(val_set.report())
@@ -275,11 +281,12 @@ def main(args):
         evaluator = CocoEvaluator(val_set.coco, val_set.label_to_cat)
         stats = evaluate(model_without_ddp, val_batches.loader(), evaluator, device, args.amp,
                          total=len(val_batches), verbose=main_proc)
-        metrics.append({"epoch": epoch, **stats})
+        metrics.append({"epoch": epoch, "images": len(evaluator.results), **stats})
         if main_proc:
             with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
                 json.dump(metrics, f, indent=1)
-            print(json.dumps({"epoch": epoch, "AP": round(stats["AP"], 4), "AP50": round(stats["AP50"], 4)}))
+            print(json.dumps({"epoch": epoch, "images": len(evaluator.results), "AP": round(stats["AP"], 4),
+                              "AP50": round(stats["AP50"], 4)}))
         return stats
 
     if args.eval_only:
