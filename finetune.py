@@ -40,11 +40,11 @@ import time
 import torch
 
 from aligndet import distributed as dist_utils
-from aligndet.checkpoint import args_to_dict, latest_checkpoint, load_checkpoint, load_pretrained, save_checkpoint
+from aligndet.checkpoint import CheckpointError, args_to_dict, latest_checkpoint, load_checkpoint, load_pretrained, save_checkpoint
 from aligndet.data.coco import CocoDetection, collate_fn
 from aligndet.data.splits import label_fraction_split
 from aligndet.data.transforms import eval_transforms, train_transforms
-from aligndet.engine import evaluate, step_lr, train_one_epoch
+from aligndet.engine import NonFiniteLossError, evaluate, step_lr, train_one_epoch
 from aligndet.evaluation import CocoEvaluator
 from aligndet.models import DETECTORS, build_detector
 
@@ -327,4 +327,8 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    try:
+        main(get_args_parser().parse_args())
+    except (FileNotFoundError, CheckpointError, NonFiniteLossError, ValueError) as e:
+        # Bad input (paths, json, checkpoints) or a diverged run: say what, not where in torch.
+        sys.exit(f"finetune.py: error: {e}")
