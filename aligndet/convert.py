@@ -51,51 +51,49 @@ def _norm_name(body: nn.Module) -> str:
 
 
 def _settings(model) -> dict:
-    """The build_faster_rcnn arguments that reproduce `model`, read off any
-    Faster R-CNN with our or torchvision's attribute names."""
+    """The build_faster_rcnn arguments that reproduce `model`, read off a
+    Faster R-CNN of ours or of torchvision's."""
     transform, rpn, roi = model.transform, model.rpn, model.roi_heads
     if isinstance(model, TVFasterRCNN):
-        fpn_channels = model.backbone.out_channels
-        predictor = roi.box_predictor
-        num_classes = predictor.cls_score.out_features - 1
+        if not isinstance(roi.box_head, TVTwoMLPHead) or not isinstance(roi.box_predictor, FastRCNNPredictor):
+            raise ValueError("only the two-fc box head (fasterrcnn_resnet50_fpn and the like) converts; "
+                             "the _v2 conv head does not")
+        if transform.size_divisible != 32 or transform.fixed_size is not None:
+            raise ValueError("only size_divisible=32 without fixed_size converts")
+        num_classes = roi.box_predictor.cls_score.out_features - 1
         pre, post = rpn._pre_nms_top_n, rpn._post_nms_top_n
-        fg_bg = rpn.fg_bg_sampler.batch_size_per_image, roi.fg_bg_sampler.batch_size_per_image
-        anchor_sizes, ratios = rpn.anchor_generator.sizes, rpn.anchor_generator.aspect_ratios
-        min_size = transform.min_size
-        if not isinstance(roi.box_head, TVTwoMLPHead) or not isinstance(predictor, FastRCNNPredictor):
-            raise ValueError("only the two-fc box head (fasterrcnn_resnet50_fpn / fasterrcnn_*) converts; "
-                             "the _v2 conv head is not supported")
-        representation = roi.box_head.fc7.out_features
-        weights = roi.box_coder.weights
+        rpn_batch, box_batch = rpn.fg_bg_sampler.batch_size_per_image, roi.fg_bg_sampler.batch_size_per_image
+        rpn_iou = rpn.proposal_matcher.high_threshold, rpn.proposal_matcher.low_threshold
+        box_iou = roi.proposal_matcher.high_threshold, roi.proposal_matcher.low_threshold
     else:
-        fpn_channels = model.backbone.out_channels
         num_classes = model.num_classes
         pre, post = rpn.pre_nms_top_n, rpn.post_nms_top_n
-        fg_bg = rpn.batch_size_per_image, roi.batch_size_per_image
-        anchor_sizes, ratios = rpn.anchor_generator.sizes, rpn.anchor_generator.aspect_ratios
-        min_size = transform.min_size
-        representation = roi.box_head.fc7.out_features
-        weights = roi.box_coder.weights
-    if any(len(s) != 1 for s in anchor_sizes) or len(set(map(tuple, ratios))) != 1:
+        rpn_batch, box_batch = rpn.batch_size_per_image, roi.batch_size_per_image
+        rpn_iou = rpn.matcher.high, rpn.matcher.low
+        box_iou = roi.matcher.high, roi.matcher.low
+    sizes, ratios = rpn.anchor_generator.sizes, rpn.anchor_generator.aspect_ratios
+    if any(len(s) != 1 for s in sizes) or len(set(map(tuple, ratios))) != 1:
         raise ValueError("conversion supports one anchor size per level and the same ratios on every level")
-    if tuple(weights) != (10.0, 10.0, 5.0, 5.0):
-        raise ValueError(f"unsupported box coder weights {weights}")
-    settings = dict(
-        num_classes=num_classes, backbone=_resnet_name(model.backbone.body), norm=_norm_name(model.backbone.body),
-        fpn_channels=fpn_channels, min_size=tuple(min_size) if len(min_size) > 1 else min_size[0],
-        max_size=transform.max_size, anchor_sizes=tuple(s[0] for s in anchor_sizes), aspect_ratios=tuple(ratios[0]),
-        rpn_pre_nms_top_n_train=pre["training"], rpn_pre_nms_top_n_test=pre["testing"],
-        rpn_post_nms_top_n_train=post["training"], rpn_post_nms_top_n_test=post["testing"],
-        rpn_nms_thresh=rpn.nms_thresh, rpn_batch_size_per_image=fg_bg[0], box_batch_size_per_image=fg_bg[1],
-        representation_size=representation, box_score_thresh=roi.score_thresh, box_nms_thresh=roi.nms_thresh,
-        box_detections_per_img=roi.detections_per_img,
-    )
+    unsupported = {"box coder weights": (tuple(roi.box_coder.weights), (10.0, 10.0, 5.0, 5.0)),
+                   "RPN IoU thresholds": (rpn_iou, (0.7, 0.3)), "RoI IoU thresholds": (box_iou, (0.5, 0.5)),
+                   "RPN score threshold": (rpn.score_thresh, 0.0), "RPN min size": (rpn.min_size, 1e-3)}
+    for name, (value, expected) in unsupported.items():
+        if value != expected:
+            raise ValueError(f"only the default {name} {expected} convert, got {value}")
     for value, expected in ((transform.image_mean, IMAGENET_MEAN), (transform.image_std, IMAGENET_STD)):
         if any(abs(a - b) > 1e-6 for a, b in zip(value, expected)):
             raise ValueError(f"only ImageNet normalisation converts, got mean/std {value}")
-    if isinstance(model, TVFasterRCNN) and (transform.size_divisible != 32 or transform.fixed_size is not None):
-        raise ValueError("only size_divisible=32 without fixed_size converts")
-    return settings
+    min_size = tuple(transform.min_size)
+    return dict(
+        num_classes=num_classes, backbone=_resnet_name(model.backbone.body), norm=_norm_name(model.backbone.body),
+        fpn_channels=model.backbone.out_channels, min_size=min_size if len(min_size) > 1 else min_size[0],
+        max_size=transform.max_size, anchor_sizes=tuple(s[0] for s in sizes), aspect_ratios=tuple(ratios[0]),
+        rpn_pre_nms_top_n_train=pre["training"], rpn_pre_nms_top_n_test=pre["testing"],
+        rpn_post_nms_top_n_train=post["training"], rpn_post_nms_top_n_test=post["testing"],
+        rpn_nms_thresh=rpn.nms_thresh, rpn_batch_size_per_image=rpn_batch, box_batch_size_per_image=box_batch,
+        representation_size=roi.box_head.fc7.out_features, box_score_thresh=roi.score_thresh,
+        box_nms_thresh=roi.nms_thresh, box_detections_per_img=roi.detections_per_img,
+    )
 
 
 def to_torchvision(model: FasterRCNN) -> TVFasterRCNN:

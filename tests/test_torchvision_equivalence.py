@@ -75,3 +75,24 @@ def test_training_losses_match_torchvision():
     sum(theirs.values()).backward()
     torch.testing.assert_close(model.roi_heads.box_predictor.bbox_pred.weight.grad,
                                tv.roi_heads.box_predictor.bbox_pred.weight.grad, rtol=1e-3, atol=1e-6)
+
+
+def test_from_torchvision_builder_model(tmp_path):
+    """A model made by torchvision's own builder (as for its COCO checkpoints),
+    with weights saved to and loaded from a local file, converts and agrees."""
+    import torchvision
+
+    torch.manual_seed(8)
+    tv = torchvision.models.detection.fasterrcnn_resnet50_fpn(
+        weights=None, weights_backbone=None, num_classes=91, min_size=160, max_size=224,
+        rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=300)
+    torch.nn.init.normal_(tv.roi_heads.box_predictor.cls_score.weight, std=0.3)
+    torch.save(tv.state_dict(), tmp_path / "tv.pth")
+    tv.load_state_dict(torch.load(tmp_path / "tv.pth", weights_only=True))
+    tv.eval()
+    model = from_torchvision(tv).eval()
+    assert model.num_classes == 90
+    assert [p.requires_grad for p in model.parameters()] == [p.requires_grad for p in tv.parameters()]
+    images = _images(seed=9)
+    with torch.no_grad():
+        _assert_same_detections(model(images), tv(images))
