@@ -60,22 +60,21 @@ class DetectionTransform(nn.Module):
         for image in images:
             if image.dim() != 3 or image.shape[0] != 3:
                 raise ValueError(f"expected images as [3, H, W] tensors, got shape {tuple(image.shape)}")
+        mean = torch.tensor(self.image_mean, dtype=images[0].dtype, device=images[0].device)[:, None, None]
+        std = torch.tensor(self.image_std, dtype=images[0].dtype, device=images[0].device)[:, None, None]
         resized, new_targets = [], []
         for i, image in enumerate(images):
-            image, target = self.resize(image, targets[i] if targets is not None else None)
+            # Normalise before resizing (as torchvision does, so inputs match bit for bit).
+            image, target = self.resize((image - mean) / std, targets[i] if targets is not None else None)
             resized.append(image)
             new_targets.append(target)
         image_sizes = [tuple(im.shape[-2:]) for im in resized]
         stride = self.size_divisible
         pad_h = -(-max(s[0] for s in image_sizes) // stride) * stride
         pad_w = -(-max(s[1] for s in image_sizes) // stride) * stride
-        first = resized[0]
-        batch = first.new_zeros((len(resized), 3, pad_h, pad_w))
-        mean = torch.tensor(self.image_mean, dtype=first.dtype, device=first.device)[:, None, None]
-        std = torch.tensor(self.image_std, dtype=first.dtype, device=first.device)[:, None, None]
+        batch = resized[0].new_zeros((len(resized), 3, pad_h, pad_w))
         for i, image in enumerate(resized):
-            h, w = image_sizes[i]
-            batch[i, :, :h, :w] = (image - mean) / std
+            batch[i, :, : image.shape[1], : image.shape[2]] = image
         return batch, image_sizes, (new_targets if targets is not None else None)
 
     def postprocess(self, detections, image_sizes, original_sizes):
