@@ -5,8 +5,8 @@
     python benchmarks/speed.py --device cuda --amp bf16
 
 Settings: "demo" is finetune.py's demo preset (ResNet-18, 128-px images,
-batch 8); "coco" is the standard ResNet-50-FPN at 800 px (batch 2, images
-800x1067). The two models are timed alternately in one process (ours, theirs,
+batch 8, read from finetune.PRESETS); "coco" is the standard ResNet-50-FPN
+at 800 px (batch 2, images 800x1067). The two models are timed alternately in one process (ours, theirs,
 ours, ...) so machine noise hits both alike; the median of the repeats is
 reported with the ratio ours / theirs (below 1 means we are faster).
 """
@@ -21,14 +21,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from aligndet.convert import to_torchvision  # noqa: E402
 from aligndet.models import build_detector  # noqa: E402
+from finetune import PRESETS, model_options  # noqa: E402
 
+DEMO = PRESETS["demo"]
 SETTINGS = {
-    "demo": dict(backbone="resnet18", batch=8, image_size=(128, 128), num_classes=10,
-                 options=dict(norm="bn", trainable_layers=5, fpn_channels=64, representation_size=256,
-                              min_size=128, max_size=128, anchor_sizes=(16, 32, 64, 128, 256),
-                              rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300,
-                              rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=150,
-                              rpn_batch_size_per_image=128, box_batch_size_per_image=128)),
+    "demo": dict(backbone=DEMO["backbone"], batch=DEMO["batch_size"], image_size=(128, 128), num_classes=10,
+                 options=model_options(argparse.Namespace(**DEMO))),
     "coco": dict(backbone="resnet50", batch=2, image_size=(800, 1067), num_classes=80, options=dict()),
 }
 

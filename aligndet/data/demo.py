@@ -315,8 +315,10 @@ def build_demo(out=DEFAULT_DEMO_ROOT, num_train=2000, num_val=500, num_objects_t
 
 
 def ensure_demo(out=DEFAULT_DEMO_ROOT):
-    """Build the default demo dataset in `out` unless it is there; return `out`."""
-    build_demo(out)
+    """Return `out` if it holds a finished demo build (of any size or seed),
+    else build the default demo dataset there first."""
+    if not os.path.isfile(os.path.join(out, "manifest.json")):
+        build_demo(out)
     return out
 
 
