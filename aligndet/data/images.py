@@ -1,0 +1,91 @@
+"""Finding and decoding unlabeled images: an image folder (recursive) or a COCO json.
+
+Box-domain pre-training and proposal generation read images without labels,
+from either source. Both list them as ``ImageRecord(key, path, image_id)``:
+
+- ``key``: the image's path relative to the image folder, with ``/``
+  separators (for a COCO json: its ``file_name``). Proposal caches are keyed
+  by it, so a cache built from a folder also serves a json over the same files.
+- ``image_id``: the json's id, or ``1..N`` in sorted key order for a folder.
+
+``read_rgb`` decodes any file PIL reads into RGB uint8, including greyscale,
+palette, RGBA (alpha dropped), CMYK and 16-bit or float greyscale (rescaled
+to 8 bits, not clipped), and raises ``ImageReadError`` naming the file on
+anything else.
+"""
+import json
+import os
+from typing import NamedTuple
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+class ImageReadError(OSError):
+    """An image file is missing, empty, truncated or not an image."""
+
+
+class ImageRecord(NamedTuple):
+    key: str       # path relative to the image folder, '/'-separated
+    path: str      # path on disk
+    image_id: int  # COCO id, or 1..N for a folder
+
+
+def read_rgb(path):
+    """Decode ``path`` into an RGB uint8 array ``[H, W, 3]``."""
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now, so truncated files fail here
+            if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+                array = np.asarray(im, dtype=np.float64)
+                top = 65535.0 if im.mode.startswith("I;16") else max(float(array.max()), 1.0)
+                grey = np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+                return np.repeat(grey[..., None], 3, axis=2)
+            return np.asarray(im.convert("RGB"))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ImageReadError(f"cannot read image {path}: {e}") from e
+
+
+def list_image_folder(root):
+    """Every image file under ``root`` (recursive, by extension), sorted by key."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"image folder not found: {root}")
+    keys = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in filenames:
+            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
+                keys.append(os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/"))
+    keys.sort()
+    return [ImageRecord(k, os.path.join(root, k), i) for i, k in enumerate(keys, start=1)]
+
+
+def list_coco_images(ann_file, image_root):
+    """The images of a COCO json (its annotations ignored), sorted by id.
+
+    Files that do not exist are kept: readers count them as failures.
+    """
+    if not os.path.isfile(ann_file):
+        raise FileNotFoundError(f"COCO annotation file not found: {ann_file}")
+    try:
+        with open(ann_file) as f:
+            images = json.load(f)["images"]
+        records = [ImageRecord(str(im["file_name"]).replace(os.sep, "/"),
+                               os.path.join(image_root, im["file_name"]), int(im["id"]))
+                   for im in images]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"cannot read the image list of {ann_file}: {type(e).__name__}: {e}") from e
+    records.sort(key=lambda r: r.image_id)
+    keys = [r.key for r in records]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"{ann_file} lists the same file_name twice")
+    return records
+
+
+def list_images(image_root, ann_file=None):
+    """Images of a COCO json (when given) or of a folder tree."""
+    if ann_file:
+        return list_coco_images(ann_file, image_root)
+    return list_image_folder(image_root)
