@@ -43,7 +43,7 @@ def read_rgb(path):
                 top = 65535.0 if im.mode.startswith("I;16") else max(float(array.max()), 1.0)
                 grey = np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
                 return np.repeat(grey[..., None], 3, axis=2)
-            return np.asarray(im.convert("RGB"))
+            return np.array(im.convert("RGB"))  # writable, unlike np.asarray of a PIL image
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise ImageReadError(f"cannot read image {path}: {e}") from e
 

@@ -10,6 +10,7 @@ the box contrastive loss pairs predictions across views by that id.
 An item of ``TwoViewDataset`` is::
 
     {"image_id": int, "key": str, "orig_size": (H, W), "num_proposals": K,
+     "proposals": float32 [K, 4] xyxy pixels of the original image (id i = row i),
      "views": [view1, view2]}
     view = {"image": float32 [3, h, w] in [0, 1],  # no normalisation: the detector does it
             "boxes": float32 [M, 4] xyxy pixels of this view,
@@ -287,7 +288,7 @@ class TwoViewDataset(torch.utils.data.Dataset):
             torch.manual_seed(int(view_seq.generate_state(1, np.uint64)[0]))
             views = [self._view(sample), self._view(sample)]
         return {"image_id": record.image_id, "key": record.key, "orig_size": (height, width),
-                "num_proposals": num_proposals, "views": views}
+                "num_proposals": num_proposals, "proposals": torch.from_numpy(boxes), "views": views}
 
     def _clean_proposals(self, boxes, key, height, width):
         """Validated proposals as float32 ``[N, 4]`` xyxy, clipped to the image."""

@@ -1,0 +1,123 @@
+"""Pictures of what pre-training sees: an image's proposals and its two views.
+
+    # a demo training scene: its proposals, then the two augmented views, where each
+    # instance id has the same colour in the original and in both views
+    python -m aligndet.visualize proposals --out proposals.png
+
+    # your own images and proposal cache
+    python -m aligndet.visualize proposals --images my_images/ --cache my_images_proposals/ \\
+        --index 3 --max-proposals 20 --out proposals.png
+
+The PNG has three panels side by side, magnified alike (the original to
+``--height`` pixels): the original image with the kept proposals, view 1 and view 2 (official
+views: photometric op, random short side, flip; ``--crop`` adds the
+random-crop ablation). A proposal that left a view is missing from that panel only.
+"""
+import argparse
+import colorsys
+import os
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.utils import draw_bounding_boxes
+
+from aligndet.data.images import list_images, read_rgb
+from aligndet.data.proposal_cache import ProposalCache, ProposalCacheError
+from aligndet.data.views import COCO_VIEW, DEMO_VIEW, TwoViewDataset, build_view_transform
+
+
+def id_colours(ids):
+    """A distinct, saturated RGB colour per instance id (golden-ratio hue steps)."""
+    colours = []
+    for i in ids:
+        r, g, b = colorsys.hsv_to_rgb((0.618034 * int(i)) % 1.0, 0.9, 1.0)
+        colours.append((int(255 * r), int(255 * g), int(255 * b)))
+    return colours
+
+
+def draw_panel(image, boxes, ids, scale=3.0, labels=True):
+    """image: float [3, H, W] in [0, 1] or uint8 [H, W, 3]; boxes [N, 4] xyxy pixels;
+    returns a PIL image magnified by ``scale`` with the boxes in their id colours."""
+    if isinstance(image, np.ndarray):
+        image = torch.from_numpy(image).permute(2, 0, 1)
+    else:
+        image = (image.clamp(0, 1) * 255).round().to(torch.uint8)
+    height, width = max(1, round(image.shape[1] * scale)), max(1, round(image.shape[2] * scale))
+    pil = Image.fromarray(image.permute(1, 2, 0).numpy()).resize((width, height), Image.NEAREST)
+    canvas = torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)
+    boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4) * scale
+    if len(boxes):
+        canvas = draw_bounding_boxes(canvas, boxes, labels=[str(int(i)) for i in ids] if labels else None,
+                                     colors=id_colours(ids), width=2)
+    return Image.fromarray(canvas.permute(1, 2, 0).numpy())
+
+
+def proposals_figure(dataset, index, height=384, labels=True, gap=8):
+    """Three panels (original with proposals, view 1, view 2) of ``dataset[index]``
+    (a ``TwoViewDataset``) side by side, as one PIL image. The original is
+    ``height`` pixels tall; the views are magnified alike, so their sizes compare."""
+    item = dataset[index]
+    if item is None:
+        raise ValueError(f"image {dataset.records[index].key} cannot be shown: it is unreadable or has "
+                         f"no proposals")
+    record, k = dataset.records[index], item["num_proposals"]
+    scale = height / item["orig_size"][0]
+    panels = [draw_panel(read_rgb(record.path), item["proposals"], range(k), scale, labels)]
+    panels += [draw_panel(v["image"], v["boxes"], v["ids"].tolist(), scale, labels) for v in item["views"]]
+    figure = Image.new("RGB", (sum(p.width for p in panels) + gap * (len(panels) - 1),
+                               max(p.height for p in panels)), "white")
+    x = 0
+    for panel in panels:
+        figure.paste(panel, (x, 0))
+        x += panel.width + gap
+    return figure
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("python -m aligndet.visualize", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("proposals", help="an image's proposals and its two views",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    v.add_argument("--images", default="data/demo/train", help="image folder (or the folder of --json's files)")
+    v.add_argument("--json", help="COCO json listing the images (annotations ignored)")
+    v.add_argument("--cache", default="data/demo/proposals/train", help="proposal cache folder")
+    v.add_argument("--index", type=int, default=0, help="which image, in the cache's order")
+    v.add_argument("--max-proposals", type=int, default=12, help="proposals shown (random subset); 0 = all")
+    v.add_argument("--view-preset", choices=["demo", "coco"], help="view sizes (default: demo for the demo data)")
+    v.add_argument("--crop", action="store_true", help="add the random-crop ablation to the views")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--height", type=int, default=384, help="height of the original's panel in pixels")
+    v.add_argument("--no-labels", action="store_true", help="do not write the ids")
+    v.add_argument("--out", default="proposals.png")
+    return p
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    demo = args.images == "data/demo/train"
+    try:
+        if demo and not os.path.isdir(args.cache):
+            from aligndet.data.proposals import main as build_proposals
+            build_proposals([])  # the demo dataset and its training-set proposals
+        cache = ProposalCache(args.cache)
+        records = [r for r in list_images(args.images, args.json) if r.key in cache]
+        if not records:
+            raise ValueError(f"none of the images in {args.images} is in the cache {args.cache}")
+        if not 0 <= args.index < len(records):
+            raise ValueError(f"--index must be in 0..{len(records) - 1}")
+        preset = DEMO_VIEW if (args.view_preset or ("demo" if demo else "coco")) == "demo" else COCO_VIEW
+        dataset = TwoViewDataset(records, cache, build_view_transform(**preset, crop=args.crop),
+                                 max_proposals=args.max_proposals or None, seed=args.seed)
+        figure = proposals_figure(dataset, args.index, args.height, labels=not args.no_labels)
+    except (ValueError, FileNotFoundError, ProposalCacheError) as e:
+        sys.exit(f"error: {e}")
+    figure.save(args.out)
+    print(f"wrote {args.out}: {records[args.index].key}, {dataset[args.index]['num_proposals']} proposals, "
+          f"original | view 1 | view 2")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""The proposals / two-views picture."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from aligndet.data.images import list_images
+from aligndet.data.proposals import PRESETS, build_cache
+from aligndet.visualize import id_colours, main
+
+
+@pytest.fixture()
+def cache(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(2):
+        pixels = (rng.random((40, 60, 3)) * 50).astype(np.uint8)
+        pixels[8:30, 10:40] = (200, 180, 40)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    build_cache(list_images(str(folder)), str(tmp_path / "cache"), PRESETS["demo"], workers=1, progress=False)
+    return str(folder), str(tmp_path / "cache")
+
+
+def test_picture_has_three_panels_with_matching_id_colours(cache, tmp_path):
+    folder, cache_dir = cache
+    out = tmp_path / "fig.png"
+    main(["proposals", "--images", folder, "--cache", cache_dir, "--index", "1", "--max-proposals", "1",
+          "--height", "120", "--view-preset", "demo", "--out", str(out)])
+    figure = np.asarray(Image.open(out).convert("RGB"))
+    # the original (40 px) magnified 3x; the views (short side 104-128 px) magnified alike are taller
+    assert 3 * 104 <= figure.shape[0] <= 3 * 128 + 1
+    colour = np.array(id_colours([0])[0])
+    has_colour = np.all(figure == colour, axis=2)  # [H, W] pixels in id 0's colour
+    columns = np.flatnonzero(has_colour.any(axis=0))
+    # one panel of 180 px (60 * 3) and two view panels: id 0's colour appears in three separate bands
+    bands = 1 + int((np.diff(columns) > 8).sum())
+    assert columns.min() < 180 and bands == 3
+
+
+def test_bad_index_is_a_clear_error(cache, tmp_path):
+    folder, cache_dir = cache
+    with pytest.raises(SystemExit, match=r"--index must be in 0\.\.1"):
+        main(["proposals", "--images", folder, "--cache", cache_dir, "--index", "5", "--out", str(tmp_path / "x.png")])
+    with pytest.raises(SystemExit, match="no proposal cache"):
+        main(["proposals", "--images", folder, "--cache", str(tmp_path / "none"), "--out", str(tmp_path / "x.png")])
