@@ -45,7 +45,7 @@ from aligndet.data.coco import CocoDetection, collate_fn
 from aligndet.data.demo import DemoDataError, ensure_demo
 from aligndet.data.splits import label_fraction_split
 from aligndet.data.transforms import eval_transforms, train_transforms
-from aligndet.engine import NonFiniteLossError, evaluate, step_lr, train_one_epoch
+from aligndet.engine import EpochBatches, NonFiniteLossError, evaluate, step_lr, train_one_epoch
 from aligndet.evaluation import CocoEvaluator
 from aligndet.models import DETECTORS, build_detector
 
@@ -189,30 +189,6 @@ def build_datasets(args):
     return train_set, val_set
 
 
-class EpochBatches:
-    """This process's batches for one epoch, resumable mid-epoch.
-
-    The order is a DistributedSampler's (seeded by seed and epoch, so it is
-    the same after a restart); `start` skips the batches already trained
-    without loading their images.
-    """
-
-    def __init__(self, dataset, batch_size, workers, rank, world_size, seed, shuffle):
-        self.dataset, self.batch_size, self.workers = dataset, batch_size, workers
-        self.sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank,
-                                                           shuffle=shuffle, seed=seed, drop_last=False)
-
-    def __len__(self):
-        return -(-len(self.sampler) // self.batch_size)
-
-    def loader(self, epoch=0, start=0):
-        self.sampler.set_epoch(epoch)
-        indices = list(self.sampler)[start * self.batch_size:]
-        batches = [indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
-        return torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, num_workers=self.workers,
-                                           collate_fn=collate_fn, persistent_workers=False)
-
-
 def main(args):
     info = dist_utils.init_distributed(device=args.device)
     device, rank, world = info["device"], info["rank"], info["world_size"]
@@ -245,8 +221,10 @@ def main(args):
     optimizer = torch.optim.SGD(params, lr=base_lr, momentum=args.momentum, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None
 
-    train_batches = EpochBatches(train_set, args.batch_size, args.workers, rank, world, args.seed, shuffle=True)
-    val_batches = EpochBatches(val_set, args.batch_size, args.workers, rank, world, args.seed, shuffle=False)
+    train_batches = EpochBatches(train_set, args.batch_size, args.workers, rank, world, args.seed, shuffle=True,
+                                 collate_fn=collate_fn)
+    val_batches = EpochBatches(val_set, args.batch_size, args.workers, rank, world, args.seed, shuffle=False,
+                               collate_fn=collate_fn)
     iters_per_epoch = len(train_batches) if args.max_iters is None else min(len(train_batches), args.max_iters)
 
     def lr_at(it):

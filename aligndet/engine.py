@@ -40,15 +40,54 @@ def to_device(images, targets, device):
     return images, targets
 
 
+class EpochBatches:
+    """This process's batches for one epoch, resumable mid-epoch.
+
+    The order is a DistributedSampler's (seeded by seed and epoch, so it is
+    the same after a restart); `start` skips the batches already trained
+    without loading their images. A dataset with ``set_epoch`` (the two-view
+    dataset, whose random views depend on the epoch) is told the epoch.
+    """
+
+    def __init__(self, dataset, batch_size, workers, rank, world_size, seed, shuffle, collate_fn):
+        self.dataset, self.batch_size, self.workers = dataset, batch_size, workers
+        self.collate_fn = collate_fn
+        self.sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank,
+                                                           shuffle=shuffle, seed=seed, drop_last=False)
+
+    def __len__(self):
+        return -(-len(self.sampler) // self.batch_size)
+
+    def loader(self, epoch=0, start=0):
+        self.sampler.set_epoch(epoch)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        indices = list(self.sampler)[start * self.batch_size:]
+        batches = [indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
+        return torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, num_workers=self.workers,
+                                           collate_fn=self.collate_fn, persistent_workers=False)
+
+
+def detection_step(model, batch, device):
+    """A supervised step on ``(images, targets)``: (loss dict, image ids)."""
+    images, targets = to_device(*batch, device)
+    return model(images, targets), [t.get("image_id") for t in targets]
+
+
 def train_one_epoch(model, optimizer, batches, device, epoch: int, lr_at, start_iter: int = 0,
                     iters_per_epoch: int = None, amp: str = "none", scaler=None, weight_dict=None,
-                    log_file=None, print_freq: int = 20, on_iteration=None, max_iters: int = None):
-    """One pass over `batches` (an iterable of (images, targets)).
+                    log_file=None, print_freq: int = 20, on_iteration=None, max_iters: int = None,
+                    step_fn=detection_step):
+    """One pass over `batches`.
 
-    lr_at(global_iteration) sets the learning rate before every step.
-    on_iteration(iteration) runs after every step (periodic checkpoints).
-    weight_dict scales each loss term (default 1). Returns the epoch's mean
-    of every logged value.
+    step_fn(model, batch, device) -> (dict, image ids) runs the model on one
+    batch: ``detection_step`` for (images, targets) batches, or
+    ``aligndet.pretrain.box.box_domain_step``. Entries named ``loss*`` are
+    summed (scaled by weight_dict, default 1) and optimised; the others are
+    only logged. A batch whose first element is empty (every image unreadable)
+    is skipped. lr_at(global_iteration) sets the learning rate before every
+    step; on_iteration(iteration) runs after every step (momentum updates,
+    periodic checkpoints). Returns the epoch's mean of every logged value.
     """
     model.train()
     weight_dict = weight_dict or {}
@@ -56,25 +95,25 @@ def train_one_epoch(model, optimizer, batches, device, epoch: int, lr_at, start_
     bar = tqdm(batches, total=iters_per_epoch, initial=start_iter, desc=f"epoch {epoch}",
                disable=not is_main_process(), dynamic_ncols=True, file=sys.stdout)
     start = time.time()
-    for iteration, (images, targets) in enumerate(bar, start=start_iter):
+    for iteration, batch in enumerate(bar, start=start_iter):
         if max_iters is not None and iteration >= max_iters:
             break
-        if not images:  # every image of the batch was unreadable
+        if not batch[0]:  # every image of the batch was unreadable
             skipped += 1
             continue
-        images, targets = to_device(images, targets, device)
         global_iter = epoch * iters_per_epoch + iteration
         lr = lr_at(global_iter)
         for group in optimizer.param_groups:
             group["lr"] = lr
         with autocast(device, amp):
-            losses = model(images, targets)
+            outputs, image_ids = step_fn(model, batch, device)
+        losses = {k: v for k, v in outputs.items() if k.startswith("loss")}
         loss = sum(losses[k] * weight_dict.get(k, 1.0) for k in losses)
-        logged = reduce_dict({k: v.detach() for k, v in losses.items()})
-        total = sum(logged.values()).item()
+        logged = reduce_dict({k: v.detach().float() for k, v in outputs.items()})
+        total = sum(logged[k] for k in losses).item()
         if not math.isfinite(total):
             raise NonFiniteLossError(
-                f"loss is {total} at epoch {epoch}, iteration {iteration}: "
+                f"loss is {total} at epoch {epoch}, iteration {iteration} (images {image_ids}): "
                 + ", ".join(f"{k}={v.item():.4g}" for k, v in logged.items())
                 + ". Try a lower --lr or longer --warmup-iters.")
         optimizer.zero_grad(set_to_none=True)

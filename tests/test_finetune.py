@@ -10,6 +10,8 @@ import torch
 
 import finetune
 from aligndet.checkpoint import load_checkpoint
+from aligndet.data.coco import collate_fn
+from aligndet.engine import EpochBatches
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--min-size", "96", "--max-size", "96", "--fpn-channels", "32", "--representation-size", "64",
@@ -61,7 +63,7 @@ def test_mid_epoch_checkpoint_resumes_at_the_next_batch(squares_coco, tmp_path):
     # The mid-epoch checkpoint was overwritten by the epoch-end one; check the batch arithmetic directly.
     args = finetune.apply_preset(finetune.get_args_parser().parse_args(_data_args(squares_coco) + SMALL))
     train_set, _ = finetune.build_datasets(args)
-    batches = finetune.EpochBatches(train_set, 4, 0, rank=0, world_size=1, seed=0, shuffle=True)
+    batches = EpochBatches(train_set, 4, 0, rank=0, world_size=1, seed=0, shuffle=True, collate_fn=collate_fn)
     full = [t for _, targets in batches.loader(epoch=1) for t in targets]
     tail = [t for _, targets in batches.loader(epoch=1, start=1) for t in targets]
     assert [t["image_id"] for t in full[4:]] == [t["image_id"] for t in tail]

@@ -45,7 +45,8 @@ from tqdm import tqdm
 
 from aligndet.data.images import ImageReadError, list_images, read_rgb
 from aligndet.data.proposal_cache import (ProposalCache, ProposalCacheError, export_coco_json, import_coco_json,
-                                          missing_shards, num_shards, open_cache_for_writing, write_shard)
+                                          missing_shards, num_shards, open_cache_for_writing, read_index,
+                                          write_shard)
 
 # Everything that changes the boxes; a cache records these and refuses others.
 SETTINGS = ("mode", "search_side", "min_size", "max_aspect", "max_scale", "nms_iou", "top_k")
@@ -250,7 +251,19 @@ def format_summary(s):
 
 
 def ensure_proposals(records, cache_dir, settings, workers=None, progress=True):
-    """Open the cache in ``cache_dir``, first building whatever is missing of it."""
+    """Open the cache in ``cache_dir``: a finished cache as it is (whatever its
+    settings, e.g. imported), an unfinished one completed with its own settings,
+    a missing one built from ``records`` with ``settings``."""
+    index = read_index(cache_dir)
+    if index is not None:
+        if not missing_shards(cache_dir, index):
+            return ProposalCache(cache_dir)
+        if set(index["settings"]) != set(SETTINGS):
+            raise ProposalCacheError(f"the proposal cache in {cache_dir} is incomplete and was not made by "
+                                     f"selective search here ({index['settings']}); import it again")
+        settings = index["settings"]
+        if progress:
+            print(f"finishing the proposal cache in {cache_dir} with its settings {settings}")
     build_cache(records, cache_dir, settings, workers=workers, progress=progress)
     return ProposalCache(cache_dir)
 

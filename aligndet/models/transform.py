@@ -50,9 +50,10 @@ class DetectionTransform(nn.Module):
             target = dict(target, boxes=resize_boxes(target["boxes"], (h, w), image.shape[-2:]))
         return image, target
 
-    def forward(self, images, targets=None):
+    def forward(self, images, targets=None, resize: bool = True):
         """images: list of [3, H_i, W_i] floats in [0, 1]; targets: list of dicts
-        with "boxes" [N_i, 4] xyxy pixels (optional).
+        with "boxes" [N_i, 4] xyxy pixels (optional). ``resize=False`` keeps the
+        images' own sizes (box-domain pre-training: the views are already resized).
 
         Returns (batch [B, 3, H, W] normalised and zero-padded,
         image_sizes [(h_i, w_i)] after resizing, targets in resized coordinates).
@@ -65,7 +66,10 @@ class DetectionTransform(nn.Module):
         resized, new_targets = [], []
         for i, image in enumerate(images):
             # Normalise before resizing (as torchvision does, so inputs match bit for bit).
-            image, target = self.resize((image - mean) / std, targets[i] if targets is not None else None)
+            target = targets[i] if targets is not None else None
+            image = (image - mean) / std
+            if resize:
+                image, target = self.resize(image, target)
             resized.append(image)
             new_targets.append(target)
         image_sizes = [tuple(im.shape[-2:]) for im in resized]
