@@ -17,7 +17,9 @@ $(STAMP): requirements.txt
 
 demo: $(STAMP)
 	$(BIN)/python -m aligndet.data.demo --out data/demo
-	$(BIN)/python finetune.py --output-dir outputs/demo_finetune
+	$(BIN)/python -m aligndet.data.proposals --out data/demo/proposals/train
+	$(BIN)/python train_box.py --output-dir outputs/demo_box --resume
+	$(BIN)/python finetune.py --init outputs/demo_box/checkpoint.pth --output-dir outputs/demo_finetune
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -63,7 +63,7 @@ from aligndet.pretrain.box import AlignDet, box_domain_step
 PRESETS = {
     # The demo on 2 CPU cores in under 10 minutes.
     "demo": dict(epochs=4, batch_size=8, lr=0.02, weight_decay=1e-4, warmup_iters=100, lr_steps=[3],
-                 num_samples=64, max_proposals=0, views="demo", proposal_preset="demo"),
+                 num_samples=64, max_proposals=32, views="demo", proposal_preset="demo"),
     # The official recipe (16 images per step on 8 GPUs).
     "coco": dict(epochs=12, batch_size=2, lr=0.02, weight_decay=1e-4, warmup_iters=500, lr_steps=[8, 11],
                  num_samples=0, max_proposals=0, views="coco", proposal_preset="coco"),
@@ -257,8 +257,8 @@ def main(args):
                                     scaler=scaler, log_file=log_file, print_freq=args.print_freq,
                                     on_iteration=on_iteration, max_iters=args.max_iters, step_fn=box_domain_step)
         except NonFiniteLossError as e:
-            # The failing step was not applied: these are the last finite weights.
-            save(epoch, 0, "checkpoint_before_nonfinite.pth")
+            # The failing step was not applied: these are the last finite weights, resumable at that step.
+            save(epoch, e.iteration, "checkpoint_before_nonfinite.pth")
             raise NonFiniteLossError(f"{e} Weights before this step: "
                                      f"{os.path.join(args.output_dir, 'checkpoint_before_nonfinite.pth')}") from None
         start_iter = 0

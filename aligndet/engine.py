@@ -12,7 +12,12 @@ from aligndet.distributed import is_main_process, reduce_dict
 
 
 class NonFiniteLossError(RuntimeError):
-    """A loss became NaN or infinite; training stops rather than corrupting weights."""
+    """A loss became NaN or infinite; training stops rather than corrupting weights.
+    ``epoch`` and ``iteration`` say where (the failing step was not applied)."""
+
+    def __init__(self, message, epoch=None, iteration=None):
+        super().__init__(message)
+        self.epoch, self.iteration = epoch, iteration
 
 
 def step_lr(iteration: int, base_lr: float, iters_per_epoch: int, warmup_iters: int = 500,
@@ -115,7 +120,7 @@ def train_one_epoch(model, optimizer, batches, device, epoch: int, lr_at, start_
             raise NonFiniteLossError(
                 f"loss is {total} at epoch {epoch}, iteration {iteration} (images {image_ids}): "
                 + ", ".join(f"{k}={v.item():.4g}" for k, v in logged.items())
-                + ". Try a lower --lr or longer --warmup-iters.")
+                + ". Try a lower --lr or longer --warmup-iters.", epoch, iteration)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()

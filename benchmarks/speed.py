@@ -1,4 +1,5 @@
-"""Speed of our Faster R-CNN against torchvision's, same weights, inputs and threads.
+"""Speed of our Faster R-CNN against torchvision's, same weights, inputs and threads;
+and of a box-domain pre-training step against a supervised fine-tuning step.
 
     python benchmarks/speed.py                       # both settings below
     python benchmarks/speed.py --setting demo --repeats 20
@@ -9,6 +10,12 @@ batch 8, read from finetune.PRESETS); "coco" is the standard ResNet-50-FPN
 at 800 px (batch 2, images 800x1067). The two models are timed alternately in one process (ours, theirs,
 ours, ...) so machine noise hits both alike; the median of the repeats is
 reported with the ratio ours / theirs (below 1 means we are faster).
+
+Pre-training vs fine-tuning (--what pretrain): the same images; the
+fine-tuning step trains the detector on their boxes, the pre-training step
+runs AlignDet on two views (the image and its mirror) with the boxes plus
+random proposals (32 per image for demo, 300 for coco), frozen backbone,
+momentum detector, embedding MLP and EMA update included.
 """
 import argparse
 import os
@@ -21,7 +28,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from aligndet.convert import to_torchvision  # noqa: E402
 from aligndet.models import build_detector  # noqa: E402
+from aligndet.pretrain.box import AlignDet  # noqa: E402
 from finetune import PRESETS, model_options  # noqa: E402
+from train_box import PRESETS as BOX_PRESETS  # noqa: E402
 
 DEMO = PRESETS["demo"]
 SETTINGS = {
@@ -29,6 +38,11 @@ SETTINGS = {
                  options=model_options(argparse.Namespace(**DEMO))),
     "coco": dict(backbone="resnet50", batch=2, image_size=(800, 1067), num_classes=80, options=dict()),
 }
+
+# Box-domain pre-training: proposals per image given to the step, and positive RoIs kept
+# per image (train_box.py's presets; the official 4096 for COCO).
+PROPOSALS = {"demo": BOX_PRESETS["demo"]["max_proposals"], "coco": 300}
+PRETRAIN_SAMPLES = {"demo": BOX_PRESETS["demo"]["num_samples"], "coco": 4096}
 
 
 def make_inputs(batch, size, num_classes, seed=0):
@@ -113,9 +127,67 @@ def bench(setting, repeats, warmup, device, amp):
     return results
 
 
+def make_views(images, targets, num_proposals, seed=0):
+    """Two views of each image for box-domain pre-training: the image with its boxes
+    plus random proposals (ids 0..N-1, offset per image), and its mirror image."""
+    g = torch.Generator().manual_seed(seed)
+    views1, views2, offset = [], [], 0
+    for image, target in zip(images, targets):
+        h, w = image.shape[-2:]
+        extra = num_proposals - len(target["boxes"])
+        xy = torch.rand(extra, 2, generator=g) * torch.tensor([w * 0.7, h * 0.7])
+        wh = (0.1 + 0.2 * torch.rand(extra, 2, generator=g)) * torch.tensor([w, h])
+        boxes = torch.cat([target["boxes"].cpu(), torch.cat([xy, xy + wh], 1)]).to(image.device)
+        ids = torch.arange(offset, offset + len(boxes), device=image.device)
+        mirrored = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1)
+        views1.append({"image": image, "boxes": boxes, "ids": ids})
+        views2.append({"image": image.flip(-1), "boxes": mirrored, "ids": ids})
+        offset += len(boxes)
+    return views1, views2
+
+
+def bench_pretrain(setting, repeats, warmup, device, amp, num_proposals):
+    """Box-domain pre-training step vs supervised fine-tuning step of the same detector, same batch."""
+    cfg = SETTINGS[setting]
+    torch.manual_seed(0)
+    supervised = build_detector("faster_rcnn", cfg["num_classes"], backbone=cfg["backbone"], **cfg["options"])
+    pretrain = AlignDet(build_detector("faster_rcnn", 1, backbone=cfg["backbone"], **cfg["options"]),
+                        num_samples=PRETRAIN_SAMPLES[setting])
+    supervised.to(device).train()
+    pretrain.to(device).train()
+    images, targets = make_inputs(cfg["batch"], cfg["image_size"], cfg["num_classes"])
+    images = [im.to(device) for im in images]
+    targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+    views1, views2 = make_views(images, targets, num_proposals)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+
+    def step(model, loss_fn):
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+
+        def run():
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                out = loss_fn()
+            loss = sum(v for k, v in out.items() if k.startswith("loss"))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if model is pretrain:
+                pretrain.momentum_update(1)
+        return run
+
+    t_pre, t_sup = time_pair([step(pretrain, lambda: pretrain(views1, views2)),
+                              step(supervised, lambda: supervised(images, targets))], repeats, warmup, device)
+    a, b = statistics.median(t_pre), statistics.median(t_sup)
+    print(f"{setting:5s} pre-training step ({num_proposals} proposals/image, up to {PRETRAIN_SAMPLES[setting]} "
+          f"RoIs) vs fine-tuning step, batch {cfg['batch']}: {a * 1000:8.1f} ms vs {b * 1000:8.1f} ms   "
+          f"ratio {a / b:.3f}", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--setting", choices=["all", *SETTINGS], default="all")
+    p.add_argument("--what", choices=["all", "torchvision", "pretrain"], default="all",
+                   help="ours vs torchvision, and/or the pre-training step vs the fine-tuning step")
     p.add_argument("--repeats", type=int, default=10, help="timed runs per model (median reported)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch threads for both (default: torch's)")
@@ -127,7 +199,10 @@ def main():
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, amp {args.amp}")
     for setting in (SETTINGS if args.setting == "all" else [args.setting]):
-        bench(setting, args.repeats, args.warmup, device, args.amp)
+        if args.what in ("all", "torchvision"):
+            bench(setting, args.repeats, args.warmup, device, args.amp)
+        if args.what in ("all", "pretrain"):
+            bench_pretrain(setting, args.repeats, args.warmup, device, args.amp, PROPOSALS[setting])
 
 
 if __name__ == "__main__":

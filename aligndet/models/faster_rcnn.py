@@ -102,7 +102,7 @@ class FasterRCNN(nn.Module):
         box_features = self.roi_heads.box_features(features, rois, image_sizes)  # [R, hidden]
         embeddings = embedding_head(box_features)                                # [R, D]
         deltas = self.roi_heads.box_predictor.bbox_pred(box_features)
-        deltas = deltas.reshape(deltas.shape[0], -1, 4)[:, 1]  # class-agnostic: the first object slot
+        deltas = deltas.reshape(deltas.shape[0], deltas.shape[1] // 4, 4)[:, 1]  # class-agnostic: first object slot
         target_deltas = self.roi_heads.box_coder.encode(torch.cat(matched), torch.cat(rois))
         losses["loss_box_reg"] = F.l1_loss(deltas, target_deltas, reduction="sum") / max(deltas.shape[0], 1)
         return {"embeddings": embeddings, "ids": torch.cat(ids), "losses": losses}

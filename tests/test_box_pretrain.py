@@ -1,0 +1,485 @@
+"""Box-domain pre-training (AlignDet stage 2, DESIGN.md section 3) end to end:
+what trains and what stays frozen, the momentum detector, the Faster R-CNN hook
+on edge cases, the transfer of the online detector to fine-tuning, and the
+train_box.py -> finetune.py scripts.
+
+Everything runs on tiny images (48-96 px) with a ResNet-18, 16 FPN channels
+and 64-wide box heads, so the whole file stays well under a minute on 2 cores.
+"""
+import json
+import logging
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train_box
+from aligndet.checkpoint import load_checkpoint, load_pretrained
+from aligndet.data.images import list_images
+from aligndet.data.views import TwoViewDataset, build_view_transform, two_view_collate
+from aligndet.engine import NonFiniteLossError
+from aligndet.models import build_detector
+from aligndet.models.faster_rcnn import FasterRCNN
+from aligndet.models.transform import IMAGENET_MEAN, IMAGENET_STD, DetectionTransform
+from aligndet.pretrain.box import AlignDet, box_domain_step
+from aligndet.pretrain.momentum import momentum_at
+from conftest import write_squares_coco
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU = torch.device("cpu")
+TOTAL_STEPS = 10
+NUM_SAMPLES = 16
+
+
+def small_detector(num_classes=1, seed=0):
+    torch.manual_seed(seed)
+    return build_detector("faster_rcnn", num_classes, backbone="resnet18", norm="bn", trainable_layers=5,
+                          fpn_channels=16, representation_size=64, min_size=64, max_size=96,
+                          anchor_sizes=(8, 16, 32, 64, 128), rpn_pre_nms_top_n_train=100,
+                          rpn_post_nms_top_n_train=50)
+
+
+def small_aligndet(seed=0):
+    return AlignDet(small_detector(seed=seed), embed_dim=32, total_steps=TOTAL_STEPS, num_samples=NUM_SAMPLES)
+
+
+def squares_views(num_images=2, size=64, num_proposals=6, seed=0, sides=(12, 28)):
+    """``(views1, views2, metas)`` of images of coloured squares: view 1 is the
+    image, view 2 its mirror with a brightness change; the proposals are the
+    squares, ids offset per image as ``two_view_collate`` does."""
+    g = torch.Generator().manual_seed(seed)
+    views1, views2, metas, offset = [], [], [], 0
+    for j in range(num_images):
+        h, w = size, size + 16 * j  # different sizes: the batch is padded
+        image = torch.rand(3, h, w, generator=g) * 0.3
+        boxes = []
+        for c in range(num_proposals):
+            s = int(torch.randint(sides[0], sides[1], (1,), generator=g))
+            x = int(torch.randint(0, w - s, (1,), generator=g))
+            y = int(torch.randint(0, h - s, (1,), generator=g))
+            # Each proposal sits on a square of its own colour, so instances differ.
+            image[:, y:y + s, x:x + s] = (0.2 + 0.8 * torch.rand(3, 1, 1, generator=g))
+            boxes.append([x, y, x + s, y + s])
+        boxes = torch.tensor(boxes, dtype=torch.float32)
+        ids = torch.arange(num_proposals, dtype=torch.int64) + offset
+        flipped = boxes.clone()
+        flipped[:, 0], flipped[:, 2] = w - boxes[:, 2], w - boxes[:, 0]
+        views1.append({"image": image, "boxes": boxes, "ids": ids})
+        views2.append({"image": (image.flip(-1) * 0.8 + 0.1), "boxes": flipped, "ids": ids.clone()})
+        metas.append({"image_id": j + 1})
+        offset += num_proposals
+    return views1, views2, metas
+
+
+def loss_sum(out):
+    return sum(v for k, v in out.items() if k.startswith("loss"))
+
+
+def by_prefix(model, prefixes):
+    return {n: p for n, p in model.named_parameters() if n.startswith(tuple(prefixes))}
+
+
+ONLINE_BODY = "online.backbone.body."
+CLASSIFIER = tuple("online." + c for c in FasterRCNN.CLASSIFIER_LAYERS)
+MOMENTUM = ("momentum.", "momentum_embed.")
+
+
+# ----------------------------------------------------------------------------- what trains
+
+
+def test_two_view_dataset_batch_runs_through_box_domain_step(tmp_path):
+    """The real data path: TwoViewDataset -> two_view_collate -> box_domain_step."""
+    paths = write_squares_coco(str(tmp_path), num_images=2, size=64)
+    records = list_images(paths["train_images"], paths["train_json"])
+    boxes = {r.key: torch.tensor([[4, 4, 30, 30], [20, 10, 50, 44], [0, 30, 40, 63]]).numpy() for r in records}
+    dataset = TwoViewDataset(records, boxes, build_view_transform(short_sides=(64, 72), max_size=96))
+    views1, views2, metas = batch = two_view_collate([dataset[0], dataset[1]])
+    assert torch.cat([v["ids"] for v in views1]).tolist() == [0, 1, 2, 3, 4, 5]  # unique across the batch
+    model = small_aligndet().train()
+    out, image_ids = box_domain_step(model, batch, CPU)
+    assert image_ids == [r.image_id for r in records]
+    assert {"loss_contrastive", "loss_box_reg", "loss_objectness"} <= set(out)
+    assert all(torch.isfinite(v).all() for v in out.values())
+    assert out["instances"] > 0 and out["matched_instances"] > 0
+
+
+def test_gradients_reach_only_the_online_neck_heads_and_embedding():
+    model = small_aligndet().train()
+    views1, views2, metas = squares_views()
+    out, _ = box_domain_step(model, (views1, views2, metas), CPU)
+    assert out["loss_contrastive"] > 0
+    loss_sum(out).backward()
+
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert with_grad, "no gradient at all"
+    for name in with_grad:
+        assert name.startswith(("online.", "online_embed.")), name
+        assert not name.startswith(ONLINE_BODY), name
+        assert not name.startswith(CLASSIFIER), name
+    # Every trainable tensor is reached, and only those are trainable.
+    assert with_grad == trainable
+    frozen = {**by_prefix(model, [ONLINE_BODY]), **by_prefix(model, MOMENTUM), **by_prefix(model, CLASSIFIER)}
+    assert frozen and len(by_prefix(model, [ONLINE_BODY])) > 0 and len(by_prefix(model, MOMENTUM)) > 0
+    for name, p in frozen.items():
+        assert p.grad is None and not p.requires_grad, name
+    for group in ("online.backbone.fpn.", "online.rpn.", "online.roi_heads.box_head.",
+                  "online.roi_heads.box_predictor.bbox_pred.", "online_embed."):
+        params = by_prefix(model, [group])
+        assert params, group
+        assert all(p.grad is not None for p in params.values()), group
+        assert any(p.grad.abs().sum() > 0 for p in params.values()), group
+
+
+def test_optimiser_step_and_momentum_update():
+    model = small_aligndet().train()
+    body = {n: p.detach().clone() for n, p in model.body.state_dict().items()}
+    momentum = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith(MOMENTUM)}
+    online = dict(model.named_parameters())
+
+    # The momentum detector starts as an exact copy of the online one (DESIGN 3.1) ...
+    for name, p in momentum.items():
+        assert torch.equal(p, online["online" + name[len("momentum"):]]), name
+    # ... shares no storage with it ...
+    online_ptrs = {p.data_ptr() for n, p in model.named_parameters() if n.startswith(("online.", "online_embed."))}
+    online_ptrs |= {b.data_ptr() for n, b in model.named_buffers() if n.startswith(("online.", "online_embed."))}
+    momentum_tensors = [t for n, t in [*model.named_parameters(), *model.named_buffers()] if n.startswith(MOMENTUM)]
+    assert momentum_tensors and not online_ptrs & {t.data_ptr() for t in momentum_tensors}
+    # ... and has no backbone body of its own: both branches run the same body module.
+    assert not [n for n, _ in model.momentum.named_parameters() if n.startswith("backbone.body.")]
+    calls = []
+    handle = model.body.register_forward_hook(lambda mod, inp, outp: calls.append(inp[0].shape))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-4)
+    out, _ = box_domain_step(model, squares_views(), CPU)
+    handle.remove()
+    assert len(calls) == 2  # view 1 for the online branch, view 2 for the momentum branch
+    optimizer.zero_grad()
+    loss_sum(out).backward()
+    optimizer.step()
+
+    for n, t in model.body.state_dict().items():
+        assert torch.equal(t, body[n]), f"backbone.body.{n} changed in the optimiser step"
+    for n, p in model.named_parameters():
+        if n.startswith(MOMENTUM):
+            assert torch.equal(p, momentum[n]), f"{n} changed in the optimiser step"
+    moved = [n for n, p in model.named_parameters()
+             if n.startswith(("online.", "online_embed.")) and p.requires_grad
+             and not torch.equal(p, momentum["momentum" + n[len("online"):]])]
+    assert moved, "the optimiser step changed no online parameter"
+
+    step = 3
+    m = model.momentum_update(step)
+    assert m == pytest.approx(momentum_at(step, TOTAL_STEPS, 0.996))
+    assert 0.996 < m < 1
+    for name, old in momentum.items():
+        new = dict(model.named_parameters())[name]
+        target = online["online" + name[len("momentum"):]].detach()
+        torch.testing.assert_close(new, m * old + (1 - m) * target, rtol=1e-5, atol=1e-7)
+    for name in moved[:5]:  # the online parameters that moved pulled their momentum copies along
+        mname = "momentum" + name[len("online"):]
+        assert not torch.equal(dict(model.named_parameters())[mname], momentum[mname])
+    # Buffers outside the body are copied; the body is untouched by the update.
+    buffers = dict(model.named_buffers())
+    for name, b in buffers.items():
+        if name.startswith("momentum."):
+            assert torch.equal(b, buffers["online." + name[len("momentum."):]]), name
+    for n, t in model.body.state_dict().items():
+        assert torch.equal(t, body[n]), f"backbone.body.{n} changed in the momentum update"
+
+
+def test_body_stays_in_eval_mode_and_keeps_its_batch_norm_statistics():
+    model = small_aligndet()
+    model.train()
+    assert not any(m.training for m in model.body.modules())
+    assert model.online.backbone.fpn.training and model.online.rpn.training and model.online_embed.training
+    stats = {n: b.clone() for n, b in model.body.named_buffers()}
+    assert any("running_mean" in n for n in stats)
+    box_domain_step(model, squares_views(), CPU)
+    for n, b in model.body.named_buffers():
+        assert torch.equal(b, stats[n]), n
+    model.eval()
+    model.train(True)
+    assert not any(m.training for m in model.body.modules())
+
+
+def estimate_body_statistics(detector, images):
+    """Batch-norm statistics of the body from ``images``: a stand-in for the
+    stage-1 backbone. A random ResNet keeps running statistics (0, 1), so its
+    activations grow layer after layer; box features then differ mostly in
+    scale, embeddings start nearly parallel and SGD at lr 0.01 diverges."""
+    body = detector.backbone.body
+    norms = [m for m in body.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over this one pass
+    batch, _, _ = detector.transform(images, None, resize=False)
+    body.train()
+    with torch.no_grad():
+        body(batch)
+    body.eval()
+
+
+def test_pretraining_loss_falls_on_a_fixed_batch():
+    """The pre-training objective is optimisable: 35 SGD steps on one fixed batch.
+
+    ``rpn_post_nms_top_n_train=0`` makes the RoIs the proposals themselves, so
+    the objective stays the same from step to step (otherwise RPN boxes that
+    start to overlap a proposal join as RoIs with large regression targets and
+    the loss jumps up and down); the RPN still trains on its anchors."""
+    steps = 35
+    torch.manual_seed(1)
+    det = build_detector("faster_rcnn", 1, backbone="resnet18", norm="bn", trainable_layers=5, fpn_channels=16,
+                         representation_size=64, min_size=64, max_size=96, anchor_sizes=(8, 16, 32, 64, 128),
+                         rpn_pre_nms_top_n_train=100, rpn_post_nms_top_n_train=0)
+    views1, views2, metas = batch = squares_views(num_proposals=6, seed=1, sides=(10, 22))
+    estimate_body_statistics(det, [v["image"] for v in views1 + views2])
+    model = AlignDet(det, embed_dim=32, base_momentum=0.99, total_steps=steps, num_samples=NUM_SAMPLES).train()
+    lr = 0.01
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9)
+    totals, contrastive = [], []
+    for step in range(1, steps + 1):
+        out, _ = box_domain_step(model, batch, CPU)
+        assert out["queries"] == 12  # 6 proposals in each of 2 images, every step
+        loss = loss_sum(out)
+        totals.append(loss.item())
+        contrastive.append(out["loss_contrastive"].item())
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, step / 5)  # short warm-up
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        model.momentum_update(step)
+    assert all(map(math.isfinite, totals)), totals
+    last_total = sum(totals[-5:]) / 5
+    last_contrastive = sum(contrastive[-5:]) / 5
+    # Seen over 10 data / weight seeds: the total ends at 0.56-0.64 of the first step, L_con at 0.77-0.88.
+    assert last_total < 0.8 * totals[0], totals
+    assert last_contrastive < 0.95 * contrastive[0], contrastive
+
+
+# ----------------------------------------------------------------------------- bad input and the hook
+
+
+def _empty_view(h, w):
+    return {"image": torch.rand(3, h, w), "boxes": torch.zeros(0, 4), "ids": torch.zeros(0, dtype=torch.int64)}
+
+
+def test_batch_without_any_proposal_gives_zero_contrastive_loss(caplog):
+    model = small_aligndet().train()
+    views1 = [_empty_view(64, 80), _empty_view(72, 64)]
+    views2 = [_empty_view(64, 80), _empty_view(72, 64)]
+    with caplog.at_level(logging.WARNING, logger="aligndet.pretrain.box"):
+        out, _ = box_domain_step(model, (views1, views2, [{"image_id": 1}, {"image_id": 2}]), CPU)
+    assert out["loss_contrastive"].item() == 0.0
+    assert all(torch.isfinite(v).all() for v in out.values()), out
+    assert out["instances"] == 0 and out["queries"] == 0
+    assert any(r.name == "aligndet.pretrain.box" and r.levelno == logging.WARNING for r in caplog.records)
+    loss_sum(out).backward()  # the RPN still learns "no object here"
+    assert any(p.grad is not None for p in model.online.rpn.parameters())
+
+
+def test_batch_with_one_image_without_proposals_is_finite():
+    model = small_aligndet().train()
+    views1, views2, metas = squares_views(num_images=1)
+    views1.append(_empty_view(72, 64))
+    views2.append(_empty_view(72, 64))
+    out, _ = box_domain_step(model, (views1, views2, metas + [{"image_id": 2}]), CPU)
+    assert all(torch.isfinite(v).all() for v in out.values()), out
+    assert out["loss_contrastive"] > 0
+    loss_sum(out).backward()
+
+
+def test_view_whose_proposals_were_all_cropped_out_is_finite():
+    """--crop can push every proposal out of one view (TwoViewDataset drops them
+    from that view only); the other view's queries then use themselves as keys."""
+    model = small_aligndet().train()
+    views1, views2, metas = squares_views()
+    views2 = [dict(v, boxes=v["boxes"][:0], ids=v["ids"][:0]) for v in views2]
+    out, _ = box_domain_step(model, (views1, views2, metas), CPU)
+    assert all(torch.isfinite(v).all() for v in out.values()), out
+    assert out["instances"] == 12 and out["matched_instances"] == 0
+    loss_sum(out).backward()
+
+
+def test_hook_caps_samples_per_image_and_returns_only_own_proposal_ids():
+    model = small_aligndet().train()
+    det = model.online
+    # 20 proposals per image: the proposals alone (IoU 1 with themselves) exceed num_samples.
+    views1, _, _ = squares_views(num_images=3, num_proposals=20, seed=3)
+    images = [v["image"] for v in views1]
+    proposals = [{"boxes": v["boxes"], "ids": v["ids"]} for v in views1]
+    batch, sizes, proposals = det.transform(images, proposals, resize=False)
+    with torch.no_grad():
+        body = model.body(batch)
+        for _ in range(3):  # the subset is random: several draws
+            out = det.box_domain_forward(body, sizes, batch.shape[-2:], proposals, model.online_embed,
+                                         num_samples=NUM_SAMPLES)
+            ids = out["ids"]
+            assert out["embeddings"].shape == (len(ids), 32)
+            assert ids.dtype == torch.int64
+            seen = 0
+            for p in proposals:
+                mine = torch.isin(ids, p["ids"])
+                assert int(mine.sum()) == NUM_SAMPLES  # capped, and the cap is reached
+                seen += int(mine.sum())
+            assert seen == len(ids)  # every returned id is one of some image's own proposal ids
+            # Image j's RoIs come in image order, so its ids form one contiguous block.
+            for j, p in enumerate(proposals):
+                block = ids[j * NUM_SAMPLES:(j + 1) * NUM_SAMPLES]
+                assert torch.isin(block, p["ids"]).all()
+
+
+# ----------------------------------------------------------------------------- transform
+
+
+def test_transform_without_resize_keeps_sizes_and_boxes():
+    transform = DetectionTransform(min_size=200, max_size=400).train()  # resizing would change every size
+    images = [torch.rand(3, 50, 70), torch.rand(3, 64, 40)]
+    targets = [{"boxes": torch.tensor([[1.0, 2.0, 30.0, 40.0]]), "ids": torch.tensor([0])},
+               {"boxes": torch.tensor([[0.0, 0.0, 40.0, 64.0], [5.5, 6.5, 7.5, 9.5]]), "ids": torch.tensor([1, 2])}]
+    batch, sizes, out = transform(images, targets, resize=False)
+    assert sizes == [(50, 70), (64, 40)]
+    assert batch.shape == (2, 3, 64, 96)  # padded to a multiple of 32
+    mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
+    std = torch.tensor(IMAGENET_STD)[:, None, None]
+    for i, (image, (h, w)) in enumerate(zip(images, sizes)):
+        torch.testing.assert_close(batch[i, :, :h, :w], (image - mean) / std)
+        padded = batch[i].clone()
+        padded[:, :h, :w] = 0
+        assert not padded.any()
+        assert torch.equal(out[i]["boxes"], targets[i]["boxes"])
+        assert torch.equal(out[i]["ids"], targets[i]["ids"])
+
+
+# ----------------------------------------------------------------------------- transfer
+
+
+def test_stage2_checkpoint_transfers_to_a_finetuning_detector(tmp_path):
+    model = small_aligndet().train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    out, _ = box_domain_step(model, squares_views(), CPU)
+    loss_sum(out).backward()
+    optimizer.step()
+    model.momentum_update(1)
+    path = tmp_path / "box.pth"
+    state = model.state_dict()
+    torch.save({"model": model.detector_state_dict(),  # as train_box.py saves it
+                "pretrain": {k: v for k, v in state.items() if not k.startswith("online.")},
+                "optimizer": optimizer.state_dict(), "epoch": 1, "iteration": 0, "stage": "box"}, path)
+    stage2 = {k: v.clone() for k, v in model.detector_state_dict().items()}
+    assert not [k for k in stage2 if "embed" in k]
+
+    ft = small_detector(num_classes=3, seed=7)
+    fresh = {k: v.clone() for k, v in ft.state_dict().items()}
+    # A different initialisation and a training step: equal tensors below mean "loaded".
+    assert all(not torch.equal(fresh[k], stage2[k]) for k in fresh if fresh[k].dim() > 1)
+    lines = []
+    report = load_pretrained(ft, str(path), log=lines.append)
+    head = "roi_heads.box_predictor."
+    for key, value in ft.state_dict().items():
+        if key.startswith(head):
+            assert torch.equal(value, fresh[key]), key
+        else:
+            assert torch.equal(value, stage2[key]), key
+    heads = sorted(k for k in fresh if k.startswith(head))
+    assert len(heads) == 4
+    assert sorted(report["reinitialised"]) == heads
+    assert not report["unexpected"] and not report["mismatched"]
+    assert not [k for k in report["loaded"] if k.startswith(head) or "embed" in k]
+    assert any(k.startswith("backbone.body.") for k in report["loaded"])
+    assert any(k.startswith("rpn.") for k in report["loaded"])  # the RPN is kept whole
+    assert any("re-initialised" in line and head in line for line in lines)
+
+    ft2 = small_detector(num_classes=3, seed=7)
+    report = load_pretrained(ft2, str(path), keep_heads=True, log=lambda *a: None)
+    assert sorted(m.split(" ")[0] for m in report["mismatched"]) == heads  # 1 vs 3 classes
+    for key, value in ft2.state_dict().items():
+        if key.startswith(head):
+            assert torch.equal(value, fresh[key]), key
+
+
+# ----------------------------------------------------------------------------- scripts
+
+
+def _train_box_args(paths, tmp, *extra):
+    return ["--images", paths["train_images"], "--json", paths["train_json"], "--proposals", str(tmp / "props"),
+            "--proposal-preset", "demo", "--batch-size", "2", "--workers", "0", "--output-dir",
+            str(tmp / "box"), "--num-samples", str(NUM_SAMPLES), "--device", "cpu", *extra]
+
+
+def _script(name, argv):
+    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=ROOT)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, name), *argv], capture_output=True, text=True,
+                            env=env, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_train_box_resume_and_finetune_scripts(tmp_path):
+    paths = write_squares_coco(str(tmp_path / "data"), num_images=6, size=64)
+    out = tmp_path / "box"
+    _script("train_box.py", _train_box_args(paths, tmp_path, "--epochs", "1", "--max-iters", "2"))
+
+    assert (tmp_path / "props").is_dir() and os.listdir(tmp_path / "props")
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert ckpt["stage"] == "box" and ckpt["epoch"] == 1
+    assert {"model", "pretrain", "optimizer"} <= set(ckpt)
+    assert any(k.startswith("backbone.body.") for k in ckpt["model"])
+    assert any(k.startswith("roi_heads.box_head.") for k in ckpt["model"])
+    assert any(k.startswith("online_embed.") for k in ckpt["pretrain"])
+    assert not [k for k in ckpt["pretrain"] if k.startswith("online.")]
+    with open(out / "log.jsonl") as f:
+        lines = [json.loads(line) for line in f]
+    steps = [line for line in lines if "loss_contrastive" in line]
+    assert steps
+    for key in ("loss_box_reg", "loss_objectness", "contrastive_accuracy", "matched_instances"):
+        assert all(key in line for line in steps), key
+    momenta = [line["ema_momentum"] for line in lines if "ema_momentum" in line]
+    assert momenta and all(0.996 <= m <= 1 for m in momenta)
+
+    stdout = _script("train_box.py", _train_box_args(paths, tmp_path, "--epochs", "2", "--max-iters", "2",
+                                                     "--resume"))
+    assert "resumed" in stdout and "epoch 1, iteration 0" in stdout
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 2
+    with open(out / "log.jsonl") as f:
+        epochs = [json.loads(line)["epoch"] for line in f]
+    assert epochs.count(0) == len(lines) and epochs.count(1) >= 1  # epoch 0 not trained again
+
+    stdout = _script("finetune.py", [
+        "--train-json", paths["train_json"], "--train-images", paths["train_images"],
+        "--val-json", paths["val_json"], "--val-images", paths["val_images"], "--init", str(out / "checkpoint.pth"),
+        "--epochs", "1", "--max-iters", "2", "--batch-size", "2", "--workers", "0", "--max-val-images", "4",
+        "--min-size", "64", "--max-size", "64", "--output-dir", str(tmp_path / "ft"), "--device", "cpu"])
+    loaded = [line for line in stdout.splitlines() if "loaded" in line]
+    reinit = [line for line in stdout.splitlines() if "re-initialised" in line]
+    assert loaded and "detector weights" in loaded[0] and "rpn:" in loaded[0] and "roi_heads:" in loaded[0]
+    assert reinit and "roi_heads.box_predictor" in reinit[0]
+    assert "unexpected" not in stdout  # no embedding MLP in the online detector's weights
+    assert (tmp_path / "ft" / "checkpoint.pth").is_file()
+
+
+def test_nonfinite_loss_stops_training(tmp_path, monkeypatch):
+    paths = write_squares_coco(str(tmp_path / "data"), num_images=4, size=64)
+    monkeypatch.setattr("aligndet.pretrain.box.box_contrastive_loss",
+                        lambda q, *a, **k: q.sum() * float("nan"))
+    args = train_box.get_args_parser().parse_args(_train_box_args(paths, tmp_path, "--epochs", "1",
+                                                                  "--max-iters", "2"))
+    with pytest.raises(NonFiniteLossError) as info:
+        train_box.main(args)
+    message = str(info.value)
+    # The first batch of epoch 0, in the sampler's order.
+    records = list_images(paths["train_images"], paths["train_json"])
+    sampler = torch.utils.data.DistributedSampler(records, num_replicas=1, rank=0, shuffle=True, seed=0)
+    sampler.set_epoch(0)
+    first = [records[i].image_id for i in list(sampler)[:2]]
+    assert "iteration 0" in message
+    assert f"images {first}" in message, message
+    assert re.search(r"loss_contrastive=nan", message)
+    ckpt = load_checkpoint(tmp_path / "box" / "checkpoint_before_nonfinite.pth")
+    assert ckpt["stage"] == "box"
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())  # the NaN step was not applied
