@@ -109,7 +109,7 @@ def plot(curves, path, width=900, height=520):
             y = y1 - (y1 - y0) * tick / 4
             draw.line([x0 - 4, y, x0, y], fill="black")
             draw.text((x0 - 45, y - 6), f"{value:.3f}", fill="black")
-        draw.text((x1 - 60, y1 + 20), f"epoch {max_epoch}", fill="black")
+        draw.text((x1 - 60, y1 + 5), f"epoch {max_epoch}", fill="black")
         for (f, run_name), curve in curves.items():
             if f != fraction:
                 continue
@@ -117,8 +117,8 @@ def plot(curves, path, width=900, height=520):
             draw.line(points, fill=colours[run_name[0]], width=3)
             for x, y in points[1:]:
                 draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colours[run_name[0]])
-    draw.text((60, height - 25), "(a) stage 1 only", fill=colours["a"])
-    draw.text((220, height - 25), "(b) stage 1 + box-domain pre-training (AlignDet)", fill=colours["b"])
+    draw.text((60, height - 20), "(a) stage 1 only", fill=colours["a"])
+    draw.text((220, height - 20), "(b) stage 1 + box-domain pre-training (AlignDet)", fill=colours["b"])
     image.save(path)
 
 
