@@ -50,7 +50,7 @@ from aligndet import distributed as dist_utils
 from aligndet.checkpoint import CheckpointError, args_to_dict, latest_checkpoint, load_checkpoint, load_pretrained, save_checkpoint
 from aligndet.data.demo import DemoDataError, ensure_demo
 from aligndet.data.images import list_images
-from aligndet.data.proposal_cache import ProposalCacheError
+from aligndet.data.proposal_cache import ProposalCache, ProposalCacheError
 from aligndet.data.proposals import PRESETS as PROPOSAL_PRESETS
 from aligndet.data.proposals import ensure_proposals
 from aligndet.data.views import COCO_VIEW, DEMO_VIEW, TwoViewDataset, build_view_transform, two_view_collate
@@ -153,13 +153,14 @@ def build_dataset(args, main_proc):
     records = list_images(args.images, args.json)
     if not records:
         sys.exit(f"train_box.py: no images in {args.json or args.images}")
-    if main_proc:
-        ensure_proposals(records, args.proposals, PROPOSAL_PRESETS[args.proposal_preset])
+    # Rank 0 builds what is missing; the others open the finished cache after it.
+    cache = ensure_proposals(records, args.proposals, PROPOSAL_PRESETS[args.proposal_preset]) if main_proc else None
     dist_utils.barrier()
-    cache = ensure_proposals(records, args.proposals, PROPOSAL_PRESETS[args.proposal_preset], progress=False)
+    if cache is None:
+        cache = ProposalCache(args.proposals)
     usable = [r for r in records if r.key in cache]
-    stats = cache.stats()
     if main_proc:
+        stats = cache.stats()
         print(f"{len(usable)} of {len(records)} images have an entry in the proposal cache {args.proposals} "
               f"({stats['boxes'] / max(stats['images'] - stats['failed'], 1):.1f} proposals per image, "
               f"{stats['failed']} images failed there and are skipped); settings {cache.settings}")
