@@ -2,6 +2,7 @@
 the same script runs as one process or under ``torchrun --nproc_per_node N``.
 """
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -86,5 +87,13 @@ def reduce_dict(d, average=True):
 
 
 def cleanup():
+    """Leave the process group (a no-op in one process).
+
+    Gloo's worker threads drop their last references to finished collectives a
+    moment after the caller has seen them complete; if the interpreter is
+    already shutting down then, the process aborts ("terminate called without
+    an active exception"). Sleeping releases the GIL so they finish first.
+    """
     if is_dist():
         dist.destroy_process_group()
+        time.sleep(0.2)
