@@ -15,11 +15,11 @@ $(STAMP): requirements.txt
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	touch $(STAMP)
 
+# The three stages on the demo dataset (train_image.py, proposals, train_box.py, then finetune.py
+# at 10 % labels from stage 1 and from stage 1 + 2), a table and a curves PNG; see aligndet/pipeline.py.
 demo: $(STAMP)
 	$(BIN)/python -m aligndet.data.demo --out data/demo
-	$(BIN)/python -m aligndet.data.proposals --out data/demo/proposals/train
-	$(BIN)/python train_box.py --output-dir outputs/demo_box --resume
-	$(BIN)/python finetune.py --init outputs/demo_box/checkpoint.pth --output-dir outputs/demo_finetune
+	$(BIN)/python -m aligndet.pipeline --out outputs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -17,8 +17,14 @@ Runbook
   # Same on 8 GPUs (--batch-size is per process)
   torchrun --nproc_per_node 8 finetune.py --preset coco ...
 
-  # Low-data fine-tuning from AlignDet pre-training: 10 % of the labels, fold 0
-  python finetune.py --preset coco --label-fraction 0.1 --fold 0 --init outputs/box/checkpoint.pth ...
+  # The paper's recipe after AlignDet pre-training: 8 GPUs x 2 images, 1x schedule, lr x1.5 and
+  # weight decay x0.5 for pre-trained models; here 10 % of the labels, fold 0
+  torchrun --nproc_per_node 8 finetune.py --preset coco --lr 0.03 --weight-decay 5e-5 \
+      --init outputs/box/checkpoint.pth --label-fraction 0.1 --fold 0 ...
+
+  # Any other backbone: torchvision's names, or a MoCo / SwAV / DINO / DenseCL checkpoint
+  python finetune.py --preset coco --init torchvision:ResNet50_Weights.IMAGENET1K_V2 ...
+  python finetune.py --preset coco --init moco_v2_800ep_pretrain.pth.tar ...
 
   # Resume an interrupted run (same --output-dir)
   python finetune.py ... --resume
@@ -73,9 +79,13 @@ MODEL_OPTIONS = ("backbone_weights", "norm", "trainable_layers", "fpn_channels",
                  "box_batch_size_per_image")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows each option's default and the runbook as written."""
+
+
 def get_args_parser():
-    p = argparse.ArgumentParser("finetune.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser("finetune.py", description=__doc__[:__doc__.index("Runbook")].strip(),
+                                epilog=__doc__[__doc__.index("Runbook"):], formatter_class=HelpFormatter)
     d = p.add_argument_group("data (default: the embedded demo dataset, built on first use)")
     d.add_argument("--train-json", help="COCO instances json of the training set")
     d.add_argument("--train-images", help="folder the training json's file_names are relative to")
@@ -91,7 +101,8 @@ def get_args_parser():
     m.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="model, schedule and image-size preset")
     m.add_argument("--detector", choices=sorted(DETECTORS), default="faster_rcnn")
     m.add_argument("--backbone", help="resnet18 / resnet34 / resnet50 / resnet101")
-    m.add_argument("--backbone-weights", help="'imagenet' (torchvision's, downloads once), a file path, or 'none'")
+    m.add_argument("--backbone-weights", help="'imagenet' (torchvision's DEFAULT, downloads once), torchvision:<Enum>.<NAME>, "
+                   "a file path, or 'none'")
     m.add_argument("--norm", choices=["frozen_bn", "bn", "sync_bn"], help="backbone normalisation")
     m.add_argument("--trainable-layers", type=int, help="backbone stages trained, 0-5 (from the top)")
     m.add_argument("--fpn-channels", type=int)
@@ -105,9 +116,11 @@ def get_args_parser():
     m.add_argument("--rpn-post-nms-top-n-test", type=int)
     m.add_argument("--rpn-batch-size-per-image", type=int, help="anchors sampled per image for the RPN loss")
     m.add_argument("--box-batch-size-per-image", type=int, help="RoIs sampled per image for the box-head loss")
-    m.add_argument("--init", nargs="+", default=[], metavar="CKPT",
-                   help="initialise from stage checkpoints, in order (image-domain backbone and/or "
-                        "box-domain detector); final output layers are re-initialised")
+    m.add_argument("--init", nargs="+", default=[], metavar="WEIGHTS",
+                   help="initialise from these, in order: a box-domain (train_box.py) or any detector checkpoint "
+                        "(final output layers re-initialised), or backbone weights: train_image.py's checkpoint, "
+                        "torchvision:<Enum>.<NAME> (e.g. torchvision:ResNet50_Weights.IMAGENET1K_V2), or a "
+                        "MoCo / SwAV / DINO / DenseCL checkpoint")
     m.add_argument("--keep-heads", action="store_true", help="with --init, keep the final output layers too")
 
     o = p.add_argument_group("optimisation (unset values come from --preset)")
@@ -206,7 +219,10 @@ def main(args):
         print(train_set.report())
         print(val_set.report())
 
-    model = build_detector(args.detector, train_set.num_classes, backbone=args.backbone, **model_options(args))
+    options = model_options(args)
+    if args.init:  # every --init source carries a backbone: skip the preset's (a download for coco)
+        options["backbone_weights"] = None
+    model = build_detector(args.detector, train_set.num_classes, backbone=args.backbone, **options)
     for path in args.init:
         load_pretrained(model, path, keep_heads=args.keep_heads, log=print if main_proc else (lambda *a: None))
     model.to(device)

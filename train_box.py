@@ -12,6 +12,7 @@ online detector, which finetune.py --init loads.
 Runbook
   # Demo: the embedded demo dataset (built on first use), its proposals (built on first
   # use), ResNet-18, CPU, about 9 min on 2 cores. Pass a stage-1 backbone with --init.
+  python train_image.py --output-dir outputs/image
   python train_box.py --init outputs/image/checkpoint.pth
   python finetune.py --init outputs/box/checkpoint.pth --label-fraction 0.1
 
@@ -20,7 +21,8 @@ Runbook
   python -m aligndet.data.proposals build --images coco/train2017 \\
       --json coco/annotations/instances_train2017.json --out proposals/train2017
   python train_box.py --preset coco --images coco/train2017 \\
-      --json coco/annotations/instances_train2017.json --proposals proposals/train2017
+      --json coco/annotations/instances_train2017.json --proposals proposals/train2017 \\
+      --init torchvision:ResNet50_Weights.IMAGENET1K_V1    # or a MoCo / SwAV / DINO checkpoint
 
   # The paper's recipe: 8 GPUs x 2 images, 12 epochs (--batch-size is per process)
   torchrun --nproc_per_node 8 train_box.py --preset coco ...
@@ -54,7 +56,7 @@ from aligndet.data.proposal_cache import ProposalCache, ProposalCacheError
 from aligndet.data.proposals import PRESETS as PROPOSAL_PRESETS
 from aligndet.data.proposals import ensure_proposals
 from aligndet.data.views import COCO_VIEW, DEMO_VIEW, TwoViewDataset, build_view_transform, two_view_collate
-from aligndet.engine import EpochBatches, NonFiniteLossError, step_lr, train_one_epoch
+from aligndet.engine import EpochBatches, NonFiniteLossError, start_run, step_lr, train_one_epoch
 from aligndet.models import DETECTORS, build_detector
 from aligndet.pretrain.box import AlignDet, box_domain_step
 
@@ -72,9 +74,13 @@ PRESETS = {
 VIEWS = {"demo": DEMO_VIEW, "coco": COCO_VIEW}
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows each option's default and the runbook as written."""
+
+
 def get_args_parser():
-    p = argparse.ArgumentParser("train_box.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser("train_box.py", description=__doc__[:__doc__.index("Runbook")].strip(),
+                                epilog=__doc__[__doc__.index("Runbook"):], formatter_class=HelpFormatter)
     d = p.add_argument_group("data (default: the embedded demo dataset's training scenes, labels unused)")
     d.add_argument("--images", help="image folder (searched recursively) or the folder --json's files are in")
     d.add_argument("--json", help="COCO json listing the images (annotations are ignored)")
@@ -95,8 +101,9 @@ def get_args_parser():
                    help="architecture (finetune.py's preset of the same name) and schedule")
     m.add_argument("--detector", choices=sorted(DETECTORS), default="faster_rcnn")
     m.add_argument("--backbone", help="resnet18 / resnet34 / resnet50 / resnet101 (default: the preset's)")
-    m.add_argument("--init", metavar="CKPT", help="stage-1 backbone checkpoint (train_image.py, or any ResNet "
-                   "state dict); default: the preset's backbone weights")
+    m.add_argument("--init", metavar="WEIGHTS", help="stage-1 backbone: train_image.py's checkpoint, "
+                   "torchvision:<Enum>.<NAME> (e.g. torchvision:ResNet50_Weights.IMAGENET1K_V1), or a MoCo / SwAV / "
+                   "DINO / DenseCL checkpoint; default: the preset's backbone weights")
     m.add_argument("--embed-dim", type=int, default=256, help="embedding width D")
     m.add_argument("--temperature", type=float, default=0.5)
     m.add_argument("--base-momentum", type=float, default=0.996, help="EMA momentum at the start (cosine to 1)")
@@ -170,16 +177,9 @@ def build_dataset(args, main_proc):
 
 
 def main(args):
-    info = dist_utils.init_distributed(device=args.device)
-    device, rank, world = info["device"], info["rank"], info["world_size"]
-    main_proc = dist_utils.is_main_process()
-    log = print if main_proc else (lambda *a: None)
     apply_presets(args)
-    torch.manual_seed(args.seed + rank)
-    os.makedirs(args.output_dir, exist_ok=True)
-    if args.amp != "none" and device.type != "cuda":
-        log(f"--amp {args.amp} needs CUDA; running in float32 on {device}")
-        args.amp = "none"
+    device, rank, world, log = start_run(args)
+    main_proc = dist_utils.is_main_process()
 
     dataset = build_dataset(args, main_proc)
     options = dict(args.model_options)

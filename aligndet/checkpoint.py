@@ -97,37 +97,47 @@ def _state_dict_of(checkpoint):
 
 
 def load_pretrained(model, path, keep_heads=False, log=print):
-    """Initialise ``model`` from a stage checkpoint and print what happened.
+    """Initialise ``model`` from a stage checkpoint or an imported backbone and print what happened.
 
-    Accepted layouts (AlignDet's transfer, DESIGN section 3.8):
-      - image-domain (stage 1): a ResNet state dict (keys ``conv1.weight``,
-        ``layer1.0...``), bare or under ``backbone`` / ``model``; loaded into
-        ``model.backbone.body``;
-      - box-domain (stage 2) or any detector checkpoint: a detector state
-        dict under ``model`` (keys ``backbone.body...``, ``rpn...``,
-        ``roi_heads...``); loaded whole, except the layers named in
+    Accepted sources (AlignDet's transfer, DESIGN section 3.8):
+      - a detector checkpoint (box-domain stage 2, or any of ours): a
+        detector state dict, under ``model`` or bare (keys ``backbone.body...``,
+        ``rpn...``, ``roi_heads...``); loaded whole, except the layers named in
         ``model.OUTPUT_LAYERS`` (final classification / regression layers),
         which stay re-initialised unless ``keep_heads``. Keys the model does
         not have (e.g. the pre-training embedding MLP) are reported as
-        unexpected and ignored; tensors whose shape differs are re-initialised.
+        unexpected and ignored; tensors whose shape differs are re-initialised;
+      - anything else ``aligndet.models.weights.load_backbone_weights`` reads
+        (image-domain stage 1 ``{"backbone": ...}``, MoCo / SwAV / DINO /
+        DenseCL checkpoints, ``torchvision:ResNet50_Weights.IMAGENET1K_V2``,
+        ``imagenet``); loaded into ``model.backbone.body``.
 
     Returns a dict of key lists: loaded, reinitialised, unexpected, mismatched.
     """
-    state = _state_dict_of(load_checkpoint(path))
-    if not state or not all(torch.is_tensor(v) for v in state.values()):
+    checkpoint = load_checkpoint(path) if Path(path).is_file() else None
+    state = _state_dict_of(checkpoint) if isinstance(checkpoint, dict) else None
+    if state and any(k.startswith("backbone.body.") for k in state):
+        return _load_detector(model, path, state, keep_heads, log)
+    # Imported here: aligndet.models imports this module (for CheckpointError, load_checkpoint).
+    from aligndet.models.weights import load_backbone_weights
+
+    report = load_backbone_weights(model.backbone.body, path, log)
+    loaded = ["backbone.body." + k for k in report["loaded"]]
+    reinitialised = [k for k in model.state_dict() if k not in loaded and not k.endswith("num_batches_tracked")]
+    rest = [k for k in reinitialised if not k.startswith("backbone.body.")]
+    if rest:
+        log(f"  rest of the model (initialised as usual): {', '.join(_collapse(rest, depth=2))}")
+    return dict(loaded=loaded, reinitialised=reinitialised, unexpected=report["unexpected"],
+                mismatched=["backbone.body." + m for m in report["mismatched"]])
+
+
+def _load_detector(model, path, state, keep_heads, log):
+    if not all(torch.is_tensor(v) for v in state.values()):
         raise CheckpointError(f"{path} holds no state dict of tensors")
     own = model.state_dict()
-    if any(k.startswith("backbone.") for k in state):
-        prefix, kind = "", "detector"
-    elif any(k.startswith(("conv1.", "layer1.")) for k in state):
-        prefix, kind = "backbone.body.", "backbone"
-    else:
-        raise CheckpointError(f"{path}: neither a detector nor a ResNet state dict "
-                              f"(first keys: {list(state)[:3]})")
     skip = () if keep_heads else tuple(getattr(model, "OUTPUT_LAYERS", ()))
     loaded, unexpected, mismatched, new_state = [], [], [], {}
     for key, value in state.items():
-        key = prefix + key
         if key not in own:
             unexpected.append(key)
         elif key.startswith(skip):
@@ -146,7 +156,7 @@ def load_pretrained(model, path, keep_heads=False, log=print):
     for key in loaded:
         group = ".".join(key.split(".")[:2]) if key.startswith("backbone.") else key.split(".")[0]
         groups[group] = groups.get(group, 0) + 1
-    log(f"init from {path} ({kind} weights): loaded {len(loaded)} tensors "
+    log(f"init from {path} (detector weights): loaded {len(loaded)} tensors "
         f"({', '.join(f'{g}: {n}' for g, n in groups.items())})")
     for name, keys in (("re-initialised", reinitialised), ("unexpected (ignored)", unexpected),
                        ("shape mismatch (re-initialised)", mismatched)):
@@ -156,11 +166,13 @@ def load_pretrained(model, path, keep_heads=False, log=print):
     return report
 
 
-def _collapse(keys):
-    """Group keys by module for a short report: 'roi_heads.box_predictor.*'."""
+def _collapse(keys, depth=None):
+    """Group keys by module for a short report: 'roi_heads.box_predictor.*'
+    (with ``depth``, by their first ``depth`` names: 'roi_heads.box_head.*')."""
     out = []
     for key in keys:
-        head = key.split(" ")[0].rsplit(".", 1)[0] + ".*"
+        head = key.split(" ")[0].rsplit(".", 1)[0]
+        head = ".".join(head.split(".")[:depth]) + ".*"
         if head not in out:
             out.append(head)
     return out

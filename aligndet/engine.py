@@ -2,13 +2,29 @@
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 
 import torch
 from tqdm import tqdm
 
-from aligndet.distributed import is_main_process, reduce_dict
+from aligndet.distributed import init_distributed, is_main_process, reduce_dict
+
+
+def start_run(args):
+    """The set-up every script shares: join the process group under torchrun,
+    seed per rank, create ``args.output_dir``, turn ``args.amp`` off without CUDA.
+    Returns ``(device, rank, world_size, log)``; ``log`` prints on the main process only."""
+    info = init_distributed(device=args.device)
+    device, rank = info["device"], info["rank"]
+    log = print if is_main_process() else (lambda *a, **k: None)
+    torch.manual_seed(args.seed + rank)
+    os.makedirs(args.output_dir, exist_ok=True)
+    if args.amp != "none" and device.type != "cuda":
+        log(f"--amp {args.amp} needs CUDA; running in float32 on {device}")
+        args.amp = "none"
+    return device, rank, info["world_size"], log
 
 
 class NonFiniteLossError(RuntimeError):
@@ -29,6 +45,17 @@ def step_lr(iteration: int, base_lr: float, iters_per_epoch: int, warmup_iters: 
         alpha = iteration / warmup_iters
         lr *= warmup_factor * (1 - alpha) + alpha
     return lr
+
+
+def cosine_lr(iteration: int, base_lr: float, total_iters: int, warmup_iters: int = 0,
+              warmup_factor: float = 0.001) -> float:
+    """Learning rate at a global iteration: linear warm-up from base_lr * warmup_factor
+    over warmup_iters, then a half cosine from base_lr to 0 at total_iters."""
+    if iteration < warmup_iters:
+        alpha = iteration / warmup_iters
+        return base_lr * (warmup_factor * (1 - alpha) + alpha)
+    progress = min((iteration - warmup_iters) / max(total_iters - warmup_iters, 1), 1.0)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def autocast(device: torch.device, amp: str):
@@ -54,13 +81,15 @@ class EpochBatches:
     dataset, whose random views depend on the epoch) is told the epoch.
     """
 
-    def __init__(self, dataset, batch_size, workers, rank, world_size, seed, shuffle, collate_fn):
+    def __init__(self, dataset, batch_size, workers, rank, world_size, seed, shuffle, collate_fn, drop_last=False):
         self.dataset, self.batch_size, self.workers = dataset, batch_size, workers
-        self.collate_fn = collate_fn
+        self.collate_fn, self.drop_last = collate_fn, drop_last
         self.sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank,
                                                            shuffle=shuffle, seed=seed, drop_last=False)
 
     def __len__(self):
+        if self.drop_last:  # only full batches (batch norm cannot train on one image)
+            return len(self.sampler) // self.batch_size
         return -(-len(self.sampler) // self.batch_size)
 
     def loader(self, epoch=0, start=0):
@@ -69,6 +98,8 @@ class EpochBatches:
             self.dataset.set_epoch(epoch)
         indices = list(self.sampler)[start * self.batch_size:]
         batches = [indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+            batches.pop()
         return torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, num_workers=self.workers,
                                            collate_fn=self.collate_fn, persistent_workers=False)
 
@@ -103,7 +134,7 @@ def train_one_epoch(model, optimizer, batches, device, epoch: int, lr_at, start_
     for iteration, batch in enumerate(bar, start=start_iter):
         if max_iters is not None and iteration >= max_iters:
             break
-        if not batch[0]:  # every image of the batch was unreadable
+        if len(batch[0]) == 0:  # every image of the batch was unreadable
             skipped += 1
             continue
         global_iter = epoch * iters_per_epoch + iteration

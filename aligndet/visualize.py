@@ -1,4 +1,5 @@
-"""Pictures of what pre-training sees: an image's proposals and its two views.
+"""Pictures of what pre-training sees (an image's proposals and its two views) and
+of what it gives (AP against fine-tuning epoch, ``ap_curves_figure``).
 
     # a demo training scene: its proposals, then the two augmented views, where each
     # instance id has the same colour in the original and in both views
@@ -20,7 +21,7 @@ import sys
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from torchvision.utils import draw_bounding_boxes
 
 from aligndet.data.images import list_images, read_rgb
@@ -73,6 +74,47 @@ def proposals_figure(dataset, index, height=384, labels=True, gap=8):
         figure.paste(panel, (x, 0))
         x += panel.width + gap
     return figure
+
+
+# Colours of the curves, in the order runs are given.
+CURVE_COLOURS = [(150, 150, 150), (70, 110, 170), (230, 120, 20), (60, 160, 90), (170, 60, 150)]
+
+
+def ap_curves_figure(panels, width=900, height=520):
+    """A PIL image of metric-vs-epoch curves.
+
+    ``panels``: ``{title: {run name: [(epoch, AP), ...]}}``, one panel per
+    title side by side, one coloured line per run (the same run name has the
+    same colour in every panel) starting from (0, 0), and a legend below.
+    """
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    names = list(dict.fromkeys(n for runs in panels.values() for n in runs))
+    colour = {n: CURVE_COLOURS[i % len(CURVE_COLOURS)] for i, n in enumerate(names)}
+    panel_w = width // max(len(panels), 1)
+    values = [v for runs in panels.values() for curve in runs.values() for _, v in curve]
+    top = (max(values) if values else 1.0) * 1.1 or 1.0
+    legend_h = 18 * len(names) + 10
+    for p, (title, runs) in enumerate(panels.items()):
+        x0, y0, x1, y1 = p * panel_w + 50, 40, (p + 1) * panel_w - 15, height - 40 - legend_h
+        draw.rectangle([x0, y0, x1, y1], outline="black")
+        draw.text((x0, 15), title, fill="black")
+        last = max((e for curve in runs.values() for e, _ in curve), default=1) or 1
+        for tick in range(5):
+            y = y1 - (y1 - y0) * tick / 4
+            draw.line([x0 - 4, y, x0, y], fill="black")
+            draw.text((x0 - 45, y - 6), f"{top * tick / 4:.3f}", fill="black")
+        draw.text((x1 - 60, y1 + 5), f"epoch {last}", fill="black")
+        for name, curve in runs.items():
+            points = [(x0 + (x1 - x0) * e / last, y1 - (y1 - y0) * v / top) for e, v in [(0, 0.0)] + list(curve)]
+            draw.line(points, fill=colour[name], width=3)
+            for x, y in points[1:]:
+                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour[name])
+    for i, name in enumerate(names):
+        y = height - legend_h - 5 + 18 * i
+        draw.line([60, y + 6, 90, y + 6], fill=colour[name], width=3)
+        draw.text((100, y), name, fill="black")
+    return image
 
 
 def get_args_parser():

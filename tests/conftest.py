@@ -41,3 +41,44 @@ def write_squares_coco(root, num_images=12, size=96, seed=0, category_ids=(3, 7)
 @pytest.fixture(scope="session")
 def squares_coco(tmp_path_factory):
     return write_squares_coco(str(tmp_path_factory.mktemp("squares")))
+
+
+def write_image_folder(root, classes=("a", "b", "c"), per_class=6, size=32, seed=0):
+    """An ImageNet-style folder ``root/<class>/<i>.png``: class k is a bright square in
+    colour channel k % 3 at a random place on dark noise. Returns ``root``."""
+    rng = np.random.default_rng(seed)
+    for k, name in enumerate(classes):
+        os.makedirs(os.path.join(root, name), exist_ok=True)
+        for i in range(per_class):
+            pixels = (rng.random((size, size, 3)) * 60).astype(np.uint8)
+            s = size // 2
+            x, y = (int(v) for v in rng.integers(0, size - s, 2))
+            pixels[y:y + s, x:x + s, k % 3] = 255
+            Image.fromarray(pixels).save(os.path.join(root, name, f"{i:03d}.png"))
+    return str(root)
+
+
+def run_gloo_workers(code, world_size=2, timeout=120):
+    """Run ``code`` (a python program) as ``world_size`` processes of one gloo process
+    group, as torchrun would (RANK / WORLD_SIZE / MASTER_* in the environment), and
+    check that rank r exited 0 and printed ``ok r``."""
+    import socket
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(world_size):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
+                   PYTHONPATH=os.pathsep.join([repo, os.path.join(repo, "tests"), os.environ.get("PYTHONPATH", "")]))
+        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, cwd=repo, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    for rank, (p, out) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, out
+        assert f"ok {rank}" in out
+    return outputs

@@ -1,14 +1,8 @@
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
+"""aligndet.distributed: no-ops in one process, real collectives under torchrun (gloo)."""
 import torch
 
 from aligndet import distributed as D
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import run_gloo_workers
 
 
 def test_single_process_helpers_are_no_ops(monkeypatch):
@@ -66,18 +60,4 @@ print("ok", rank)
 
 def test_two_gloo_processes():
     """The torchrun path: RANK/WORLD_SIZE in the environment, gloo on CPU."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="",
-                   PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        procs.append(subprocess.Popen([sys.executable, "-c", WORKER], env=env, cwd=REPO,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
-    outputs = [p.communicate(timeout=120)[0] for p in procs]
-    for rank, (p, out) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0, out
-        assert f"ok {rank}" in out
+    run_gloo_workers(WORKER)

@@ -1,4 +1,4 @@
-"""Fine-tuning transforms: ``(image, target) -> (image, target)``.
+"""Transforms: fine-tuning ``(image, target) -> (image, target)`` and image-domain pre-training.
 
 Built from ``torchvision.transforms.v2``, which moves ``target["boxes"]``
 (``tv_tensors.BoundingBoxes``, as ``CocoDetection`` hands them over) together
@@ -30,4 +30,30 @@ def eval_transforms():
     return T.Compose([
         T.ToImage(),
         T.ToDtype(torch.float32, scale=True),
+    ])
+
+
+# Image-domain pre-training (train_image.py): PIL image -> normalised float tensor [3, S, S].
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def classification_train_transforms(size=224, scale=(0.08, 1.0), hflip_prob=0.5):
+    """The standard ImageNet training augmentation: random resized crop and flip."""
+    return T.Compose([
+        T.ToImage(),
+        T.RandomResizedCrop(size, scale=scale, antialias=True),
+        T.RandomHorizontalFlip(p=hflip_prob),
+        T.ToDtype(torch.float32, scale=True),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def classification_eval_transforms(size=224, resize=256):
+    """Resize the short side to ``resize``, centre-crop ``size``."""
+    return T.Compose([
+        T.ToImage(),
+        T.Resize(resize, antialias=True),
+        T.CenterCrop(size),
+        T.ToDtype(torch.float32, scale=True),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])

@@ -8,6 +8,10 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from aligndet.distributed import is_main_process
+
+from .weights import load_backbone_weights
+
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 STAGES = ("conv1", "layer1", "layer2", "layer3", "layer4")  # stem counts as stage 0
 NORM_LAYERS = {"frozen_bn": FrozenBatchNorm2d, "bn": nn.BatchNorm2d, "sync_bn": nn.BatchNorm2d}
@@ -16,36 +20,18 @@ NORM_LAYERS = {"frozen_bn": FrozenBatchNorm2d, "bn": nn.BatchNorm2d, "sync_bn": 
 def load_resnet(name: str, weights=None, norm: str = "frozen_bn") -> nn.Module:
     """A torchvision ResNet.
 
-    weights: None (random init), "imagenet" (torchvision's ImageNet weights,
-    downloaded once by torchvision; needs internet the first time), or the
-    path of a state dict / checkpoint with ResNet keys.
+    weights: None (random init), "imagenet" (torchvision's DEFAULT weights for
+    ``name``), "torchvision:ResNet50_Weights.IMAGENET1K_V2" (any torchvision
+    weights name; both download once, see ``weights.py`` for offline use), or
+    the path of a checkpoint holding a ResNet (ours, MoCo, SwAV, DINO, DenseCL...).
     """
     if name not in RESNETS:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(RESNETS)}")
     if norm not in NORM_LAYERS:
         raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORM_LAYERS)}")
     resnet = getattr(torchvision.models, name)(weights=None, norm_layer=NORM_LAYERS[norm])
-    if weights is None:
-        return resnet
-    if weights == "imagenet":
-        enum = torchvision.models.get_model_weights(name).DEFAULT
-        try:
-            state = enum.get_state_dict(progress=True)
-        except Exception as e:  # offline, proxy, corrupt download...
-            raise RuntimeError(
-                f"could not fetch torchvision's ImageNet weights for {name} ({e}). They download once "
-                f"to the torch hub cache; offline, pass --backbone-weights PATH to a local file instead."
-            ) from None
-    else:
-        from aligndet.checkpoint import load_checkpoint
-
-        state = load_checkpoint(weights)
-        state = state.get("backbone", state.get("model", state)) if isinstance(state, dict) else state
-    missing, unexpected = resnet.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in unexpected if not k.startswith("fc.")]
-    if missing or unexpected:
-        raise RuntimeError(f"{weights} does not hold {name} weights: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if weights is not None:
+        load_backbone_weights(resnet, weights, log=print if is_main_process() else (lambda *a: None), arch=name)
     return resnet
 
 

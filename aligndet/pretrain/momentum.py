@@ -2,10 +2,14 @@
 (DESIGN.md section 3.2) and MoCo's key encoder share this.
 
 After every optimiser step, ``theta_k <- m * theta_k + (1 - m) * theta_q`` over
-parameters, buffers copied, with ``m`` rising on a half cosine from ``base``
-(0.996) to 1 over the run (BYOL's schedule, used by AlignDet):
+parameters. By default buffers are copied and ``m`` rises on a half cosine
+from ``base`` (0.996) to 1 over the run (BYOL's schedule, used by AlignDet):
 
     m(step) = 1 - (1 - base) * (cos(pi * step / total_steps) + 1) / 2
+
+MoCo v2 instead keeps ``m = base = 0.999`` constant (``schedule="constant"``)
+and lets its key encoder keep its own batch-norm statistics
+(``copy_buffers=False``; see ``moco.py`` for why).
 """
 import copy
 import math
@@ -33,12 +37,28 @@ class MomentumUpdater:
     Both must have the same parameter and buffer names (a momentum copy does),
     apart from ``online``'s names starting with a prefix in ``skip`` (parts the
     two share instead, such as AlignDet's frozen backbone).
+
+    Args:
+        schedule: "cosine" (``momentum_at``: base -> 1 over ``total_steps``) or
+            "constant" (``base`` at every step; ``total_steps`` is unused).
+        copy_buffers: copy ``online``'s buffers (batch-norm running statistics)
+            into ``target`` at every update; False leaves ``target``'s own.
     """
 
-    def __init__(self, online: nn.Module, target: nn.Module, base=0.996, total_steps=1, skip=()):
+    SCHEDULES = ("cosine", "constant")
+
+    def __init__(self, online: nn.Module, target: nn.Module, base=0.996, total_steps=1, skip=(),
+                 schedule="cosine", copy_buffers=True):
+        if schedule not in self.SCHEDULES:
+            raise ValueError(f"unknown momentum schedule {schedule!r}; choose one of {', '.join(self.SCHEDULES)}")
         self.online, self.target, self.skip = online, target, tuple(skip)
         self.base, self.total_steps = base, total_steps
+        self.schedule, self.copy_buffers = schedule, copy_buffers
         self._pairs()  # check the names now
+
+    def momentum(self, step):
+        """EMA momentum at optimiser step ``step``."""
+        return self.base if self.schedule == "constant" else momentum_at(step, self.total_steps, self.base)
 
     def _pairs(self):
         """(online tensors, target tensors) for parameters, then for buffers. Looked
@@ -56,11 +76,12 @@ class MomentumUpdater:
     @torch.no_grad()
     def update(self, step):
         """One EMA step at optimiser step ``step``; returns the momentum used."""
-        m = momentum_at(step, self.total_steps, self.base)
+        m = self.momentum(step)
         (online, target), (online_buffers, target_buffers) = self._pairs()
         if target:
             torch._foreach_mul_(target, m)
             torch._foreach_add_(target, online, alpha=1.0 - m)
-        for t, o in zip(target_buffers, online_buffers):
-            t.copy_(o)
+        if self.copy_buffers:
+            for t, o in zip(target_buffers, online_buffers):
+                t.copy_(o)
         return m
