@@ -224,6 +224,13 @@ def moco_step(model, batch, device):
     return model(im_q.to(device, non_blocking=True), im_k.to(device, non_blocking=True)), []
 
 
+def counting_skips(batches, counter):
+    """Pass ``batches`` through, adding up the unreadable images the collate dropped."""
+    for batch in batches:
+        counter += batch[2]
+        yield batch
+
+
 def eval_loader(dataset, args, shard=(0, 1)):
     """Batches of every ``shard[1]``-th image starting at ``shard[0]`` (disjoint shards, no padding)."""
     subset = torch.utils.data.Subset(dataset, range(shard[0], len(dataset), shard[1]))
@@ -344,7 +351,9 @@ def main(args):
                 save(epoch, it + 1)
 
         try:
-            means = train_one_epoch(model, optimizer, batches.loader(epoch, start_iter), device, epoch,
+            unreadable = torch.zeros((), device=device)
+            means = train_one_epoch(model, optimizer, counting_skips(batches.loader(epoch, start_iter), unreadable),
+                                    device, epoch,
                                     lambda it: cosine_lr(it, base_lr, total_iters, warmup_iters),
                                     start_iter=start_iter, iters_per_epoch=iters_per_epoch, amp=args.amp,
                                     scaler=scaler, log_file=log_file, print_freq=args.print_freq,
@@ -353,6 +362,10 @@ def main(args):
             raise NonFiniteLossError(f"{e} Last checkpoint: {os.path.join(args.output_dir, 'checkpoint.pth')}") \
                 from None
         start_iter = 0
+        unreadable = int(dist_utils.reduce_dict({"n": unreadable}, average=False)["n"].item())
+        if unreadable:
+            means["skipped_unreadable_images"] = unreadable
+            log(f"epoch {epoch}: {unreadable} unreadable images skipped (named above)")
         if main_proc:
             log_file.write(json.dumps({"epoch": epoch, "epoch_time": round(time.time() - t0, 1),
                                        **{f"train_{k}": v for k, v in means.items()}}) + "\n")

@@ -24,7 +24,7 @@ import sys
 import time
 
 from aligndet.atomic import atomic_write
-from aligndet.visualize import ap_curves_figure
+from aligndet.visualize import CURVE_COLOURS, ap_curves_figure
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Fine-tuning on few labels: 20 epochs over 10 % of the 2,000 scenes is ~500 iterations at batch 8.
@@ -94,7 +94,7 @@ def report(out, seconds, fraction):
     panels = {f"{fraction:.0%} labels: AP vs fine-tuning epoch":
               {RUNS[k]: [(m["epoch"], m["AP"]) for m in v] for k, v in results.items()}}
     png = os.path.join(out, "curves.png")
-    ap_curves_figure(panels).save(png)
+    ap_curves_figure(panels, colours={RUNS["a"]: CURVE_COLOURS[1], RUNS["b"]: CURVE_COLOURS[2]}).save(png)
     lines.append(f"curves: {png}")
     text = "\n".join(lines)
     print("\n" + text)

@@ -76,21 +76,22 @@ def proposals_figure(dataset, index, height=384, labels=True, gap=8):
     return figure
 
 
-# Colours of the curves, in the order runs are given.
+# Colours of the curves, in the order runs are given: grey, blue, orange, green, purple.
 CURVE_COLOURS = [(150, 150, 150), (70, 110, 170), (230, 120, 20), (60, 160, 90), (170, 60, 150)]
 
 
-def ap_curves_figure(panels, width=900, height=520):
+def ap_curves_figure(panels, width=900, height=520, colours=None):
     """A PIL image of metric-vs-epoch curves.
 
     ``panels``: ``{title: {run name: [(epoch, AP), ...]}}``, one panel per
     title side by side, one coloured line per run (the same run name has the
     same colour in every panel) starting from (0, 0), and a legend below.
+    ``colours``: ``{run name: (r, g, b)}``; others take ``CURVE_COLOURS`` in turn.
     """
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     names = list(dict.fromkeys(n for runs in panels.values() for n in runs))
-    colour = {n: CURVE_COLOURS[i % len(CURVE_COLOURS)] for i, n in enumerate(names)}
+    colour = {n: (colours or {}).get(n, CURVE_COLOURS[i % len(CURVE_COLOURS)]) for i, n in enumerate(names)}
     panel_w = width // max(len(panels), 1)
     values = [v for runs in panels.values() for curve in runs.values() for _, v in curve]
     top = (max(values) if values else 1.0) * 1.1 or 1.0

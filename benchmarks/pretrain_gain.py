@@ -26,7 +26,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from aligndet.visualize import ap_curves_figure  # noqa: E402
+from aligndet.visualize import CURVE_COLOURS, ap_curves_figure  # noqa: E402
 
 # Fine-tuning schedule per label fraction: (epochs, lr step epochs, evaluate every N epochs, folds).
 # 100 % of the 2,000 scenes is 250 iterations per epoch at batch 8; the low fractions run ~500 iterations.
@@ -122,7 +122,8 @@ def main():
             print(f"{fraction:.0%} fold {fold}: (b) reaches (a)'s final AP at epoch "
                   f"{reach if reach is not None else '(not reached)'} of {results['a'][-1]['epoch']}")
     png = os.path.join(w, "ap_curves.png")
-    ap_curves_figure(panels, width=max(900, 450 * len(panels))).save(png)
+    colours = dict(zip(RUNS.values(), [CURVE_COLOURS[i] for i in (0, 1, 3, 2)]))  # (b) orange, as in make demo
+    ap_curves_figure(panels, width=max(900, 450 * len(panels)), colours=colours).save(png)
     print(f"\ncurves: {png}")
 
 

@@ -158,3 +158,16 @@ def test_two_processes_under_torchrun(method, tmp_path):
     assert ckpt["epoch"] == 1 and ckpt["method"] == method
     metric = "top1" if method == "supervised" else "knn_top1"
     assert 0.0 <= json.load(open(os.path.join(out, "metrics.json")))[-1][metric] <= 1.0
+
+
+def test_training_skips_and_counts_unreadable_images(tmp_path, capsys):
+    train = write_image_folder(tmp_path / "train", per_class=4)
+    (tmp_path / "train" / "b" / "truncated.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    os.makedirs(tmp_path / "train" / "empty_class")
+    run_main(["--train", train, "--output-dir", str(tmp_path / "out"), "--epochs", "1", *TINY])
+    printed = capsys.readouterr()
+    assert "1 empty class folders skipped (empty_class)" in printed.out
+    assert "epoch 0: 1 unreadable images skipped" in printed.out and "truncated.png" in printed.err
+    epoch_line = [json.loads(line) for line in open(tmp_path / "out" / "log.jsonl") if "epoch_time" in line][-1]
+    assert epoch_line["train_skipped_unreadable_images"] == 1
+    assert load_checkpoint(tmp_path / "out" / "checkpoint.pth")["classes"] == ["a", "b", "c"]

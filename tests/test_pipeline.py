@@ -1,0 +1,59 @@
+"""aligndet.pipeline (make demo): stage order, skipping finished stages, the report."""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from aligndet import pipeline
+
+
+def test_stages_run_in_order_and_finished_ones_are_skipped(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(pipeline.subprocess, "call", lambda argv, cwd: calls.append(argv[1:]) or 0)
+    out = str(tmp_path / "demo")
+    seconds = pipeline.run_stages(out, 0.1, seed=0)
+    assert list(seconds) == ["stage1", "proposals", "stage2", "finetune_a", "finetune_b"]
+    assert [c[0] for c in calls] == ["train_image.py", "-m", "train_box.py", "finetune.py", "finetune.py"]
+    image_ckpt = os.path.join(out, "image", "checkpoint.pth")
+    assert calls[2][calls[2].index("--init") + 1] == image_ckpt  # stage 2 starts from stage 1
+    assert calls[3][calls[3].index("--init") + 1] == image_ckpt  # (a) stage 1 alone
+    assert calls[4][calls[4].index("--init") + 1] == os.path.join(out, "box", "checkpoint.pth")  # (b)
+    for finetune in calls[3:]:  # same labels, seed and schedule for both
+        assert finetune[finetune.index("--label-fraction") + 1] == "0.1" and "--resume" in finetune
+    assert calls[3][:calls[3].index("--init")] == calls[4][:calls[4].index("--init")]
+    assert json.load(open(os.path.join(out, "stages.json"))).keys() == seconds.keys()
+
+    calls.clear()
+    assert pipeline.run_stages(out, 0.1, seed=0).keys() == seconds.keys()
+    assert calls == []  # everything was recorded as finished
+
+
+def test_a_failed_stage_stops_with_its_name_and_is_not_recorded(tmp_path, monkeypatch):
+    codes = iter([0, 0, 3])
+    monkeypatch.setattr(pipeline.subprocess, "call", lambda argv, cwd: next(codes))
+    out = str(tmp_path / "demo")
+    with pytest.raises(SystemExit, match="stage2 failed"):
+        pipeline.run_stages(out, 0.1, seed=0)
+    assert list(json.load(open(os.path.join(out, "stages.json")))) == ["stage1", "proposals"]
+
+
+def test_report_prints_the_table_and_draws_the_curves(tmp_path):
+    out = tmp_path / "demo"
+    for name, metrics in {"image": [{"epoch": 8, "top1": 0.84}],
+                          "ft_a": [{"epoch": 10, "AP": 0.2, "AP50": 0.4}, {"epoch": 20, "AP": 0.35, "AP50": 0.6}],
+                          "ft_b": [{"epoch": 10, "AP": 0.25, "AP50": 0.5}, {"epoch": 20, "AP": 0.38, "AP50": 0.65}]}.items():
+        os.makedirs(out / name)
+        json.dump(metrics, open(out / name / "metrics.json", "w"))
+    seconds = {"stage1": 120, "proposals": 60, "stage2": 480, "finetune_a": 180, "finetune_b": 180}
+    text = pipeline.report(str(out), seconds, 0.1)
+    assert "| (a) stage 1 only | 0.350 | 0.600 | 2.0 | 3.0 |" in text
+    assert "| (b) stage 1 + box-domain (AlignDet) | 0.380 | 0.650 | 11.0 | 3.0 |" in text
+    assert "top-1 0.840" in text and "total 17.0" in text
+    assert open(out / "results.md").read().strip() == text
+    image = Image.open(out / "curves.png")
+    assert image.size == (900, 520)
+    # Both runs are drawn in their own colour.
+    colours = {tuple(int(v) for v in px) for px in np.asarray(image.convert("RGB")).reshape(-1, 3)}
+    assert (70, 110, 170) in colours and (230, 120, 20) in colours
