@@ -51,7 +51,7 @@ from aligndet.data.coco import CocoDetection, collate_fn
 from aligndet.data.demo import DemoDataError, ensure_demo
 from aligndet.data.splits import label_fraction_split
 from aligndet.data.transforms import eval_transforms, train_transforms
-from aligndet.engine import EpochBatches, NonFiniteLossError, evaluate, step_lr, train_one_epoch
+from aligndet.engine import EpochBatches, NonFiniteLossError, add_run_arguments, evaluate, step_lr, train_one_epoch
 from aligndet.evaluation import CocoEvaluator
 from aligndet.models import DETECTORS, build_detector
 
@@ -131,21 +131,11 @@ def get_args_parser():
     o.add_argument("--weight-decay", type=float)
     o.add_argument("--warmup-iters", type=int, help="linear warm-up iterations")
     o.add_argument("--lr-steps", type=int, nargs="*", help="epochs at which lr is multiplied by 0.1")
-    o.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="mixed precision (CUDA only)")
-    o.add_argument("--seed", type=int, default=0)
 
-    r = p.add_argument_group("run")
-    r.add_argument("--output-dir", default="outputs/finetune")
-    r.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="resume from a checkpoint (default: OUTPUT_DIR/checkpoint.pth)")
+    r = add_run_arguments(p, "outputs/finetune")
     r.add_argument("--eval-every", type=int, help="evaluate every N epochs (and always after the last)")
     r.add_argument("--eval-only", action="store_true", help="only evaluate (use with --init or --resume)")
-    r.add_argument("--checkpoint-every", type=int, default=0,
-                   help="also save a resumable checkpoint every N iterations (0: at epoch ends only)")
-    r.add_argument("--max-iters", type=int, default=None, help="cap iterations per epoch (smoke tests)")
     r.add_argument("--max-val-images", type=int, default=None, help="evaluate on the first N val images only")
-    r.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    r.add_argument("--print-freq", type=int, default=20, help="log every N iterations")
     return p
 
 

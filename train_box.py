@@ -56,7 +56,7 @@ from aligndet.data.proposal_cache import ProposalCache, ProposalCacheError
 from aligndet.data.proposals import PRESETS as PROPOSAL_PRESETS
 from aligndet.data.proposals import ensure_proposals
 from aligndet.data.views import COCO_VIEW, DEMO_VIEW, TwoViewDataset, build_view_transform, two_view_collate
-from aligndet.engine import EpochBatches, NonFiniteLossError, start_run, step_lr, train_one_epoch
+from aligndet.engine import EpochBatches, NonFiniteLossError, add_run_arguments, start_run, step_lr, train_one_epoch
 from aligndet.models import DETECTORS, build_detector
 from aligndet.pretrain.box import AlignDet, box_domain_step
 
@@ -118,17 +118,8 @@ def get_args_parser():
     o.add_argument("--weight-decay", type=float)
     o.add_argument("--warmup-iters", type=int)
     o.add_argument("--lr-steps", type=int, nargs="*", help="epochs at which lr is multiplied by 0.1")
-    o.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="mixed precision (CUDA only)")
-    o.add_argument("--seed", type=int, default=0)
 
-    r = p.add_argument_group("run")
-    r.add_argument("--output-dir", default="outputs/box")
-    r.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue from --output-dir's checkpoint (or the given file)")
-    r.add_argument("--checkpoint-every", type=int, default=0, help="also save every N iterations (0: per epoch)")
-    r.add_argument("--max-iters", type=int, default=None, help="cap iterations per epoch (smoke tests)")
-    r.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    r.add_argument("--print-freq", type=int, default=20, help="log every N iterations")
+    add_run_arguments(p, "outputs/box")
     return p
 
 

@@ -61,7 +61,7 @@ from aligndet.checkpoint import CheckpointError, args_to_dict, latest_checkpoint
 from aligndet.data.demo import DemoDataError, ensure_demo
 from aligndet.data.image_folder import ImageFolder, collate_skipping
 from aligndet.data.transforms import classification_eval_transforms, classification_train_transforms
-from aligndet.engine import EpochBatches, NonFiniteLossError, cosine_lr, start_run, train_one_epoch
+from aligndet.engine import EpochBatches, NonFiniteLossError, add_run_arguments, cosine_lr, start_run, train_one_epoch
 from aligndet.models.backbone import RESNETS
 from aligndet.models.weights import load_backbone_weights
 from aligndet.pretrain.knn import extract_features, knn_top1
@@ -133,18 +133,9 @@ def get_args_parser():
     o.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     o.add_argument("--weight-decay", type=float)
     o.add_argument("--warmup-epochs", type=float, help="linear warm-up, then cosine decay to zero")
-    o.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="mixed precision (CUDA only)")
-    o.add_argument("--seed", type=int, default=0)
 
-    r = p.add_argument_group("run")
-    r.add_argument("--output-dir", default="outputs/image")
-    r.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue from --output-dir's checkpoint (or the given file)")
+    r = add_run_arguments(p, "outputs/image")
     r.add_argument("--eval-every", type=int, help="evaluate every N epochs (and always after the last)")
-    r.add_argument("--checkpoint-every", type=int, default=0, help="also save every N iterations (0: per epoch)")
-    r.add_argument("--max-iters", type=int, default=None, help="cap iterations per epoch (smoke tests)")
-    r.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    r.add_argument("--print-freq", type=int, default=20, help="log every N iterations")
     return p
 
 

@@ -12,6 +12,22 @@ from tqdm import tqdm
 from aligndet.distributed import init_distributed, is_main_process, reduce_dict
 
 
+def add_run_arguments(parser, output_dir):
+    """The "run" options every script shares (``start_run`` reads them); returns the
+    group so a script can add its own (evaluation, ...)."""
+    r = parser.add_argument_group("run")
+    r.add_argument("--output-dir", default=output_dir)
+    r.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="continue from --output-dir's checkpoint (or the given file)")
+    r.add_argument("--checkpoint-every", type=int, default=0, help="also save every N iterations (0: per epoch)")
+    r.add_argument("--max-iters", type=int, default=None, help="cap iterations per epoch (smoke tests)")
+    r.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    r.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="mixed precision (CUDA only)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--print-freq", type=int, default=20, help="log every N iterations")
+    return r
+
+
 def start_run(args):
     """The set-up every script shares: join the process group under torchrun,
     seed per rank, create ``args.output_dir``, turn ``args.amp`` off without CUDA.
