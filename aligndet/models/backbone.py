@@ -72,8 +72,8 @@ class ResNetBody(nn.Module):
         out = OrderedDict()
         for i in range(1, 5):
             x = getattr(self, f"layer{i}")(x)
-            if i in self.returned_layers:
-                out[str(i - 1)] = x
+            if i in self.returned_layers:  # named "0", "1", ... in order, as in torchvision
+                out[str(len(out))] = x
             if i == max(self.returned_layers):
                 break
         return out

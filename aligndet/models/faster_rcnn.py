@@ -17,7 +17,7 @@ from .anchors import AnchorGenerator
 from .backbone import BackboneWithFPN, build_backbone
 from .roi_heads import BoxPredictor, RoIHeads, TwoMLPHead
 from .rpn import RegionProposalNetwork, RPNHead
-from .transform import DetectionTransform
+from .transform import DetectionTransform, check_targets
 
 
 class FasterRCNN(nn.Module):
@@ -106,22 +106,6 @@ class FasterRCNN(nn.Module):
         target_deltas = self.roi_heads.box_coder.encode(torch.cat(matched), torch.cat(rois))
         losses["loss_box_reg"] = F.l1_loss(deltas, target_deltas, reduction="sum") / max(deltas.shape[0], 1)
         return {"embeddings": embeddings, "ids": torch.cat(ids), "losses": losses}
-
-
-def check_targets(targets, num_classes: int):
-    """Clear errors for malformed targets, before they fail deep inside torch."""
-    for i, t in enumerate(targets):
-        boxes, labels = t.get("boxes"), t.get("labels")
-        if boxes is None or labels is None:
-            raise ValueError(f"target {i} needs 'boxes' and 'labels'")
-        if boxes.dim() != 2 or boxes.shape[-1] != 4 or labels.shape != boxes.shape[:1]:
-            raise ValueError(f"target {i}: boxes must be [N, 4] and labels [N], got {tuple(boxes.shape)} "
-                             f"and {tuple(labels.shape)}")
-        if boxes.numel() and not bool(((boxes[:, 2:] > boxes[:, :2]).all())):
-            bad = torch.nonzero((boxes[:, 2:] <= boxes[:, :2]).any(1)).flatten().tolist()
-            raise ValueError(f"target {i}: boxes {bad} have zero or negative width/height (xyxy expected)")
-        if labels.numel() and not (1 <= int(labels.min()) and int(labels.max()) <= num_classes):
-            raise ValueError(f"target {i}: labels must lie in 1..{num_classes}, got {labels.tolist()}")
 
 
 def build_faster_rcnn(num_classes: int, backbone: str = "resnet50", *, backbone_weights=None,

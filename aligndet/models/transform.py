@@ -86,3 +86,19 @@ class DetectionTransform(nn.Module):
         for det, size, original in zip(detections, image_sizes, original_sizes):
             det["boxes"] = resize_boxes(det["boxes"], size, original)
         return detections
+
+
+def check_targets(targets, num_classes: int):
+    """Clear errors for malformed targets, before they fail deep inside torch."""
+    for i, t in enumerate(targets):
+        boxes, labels = t.get("boxes"), t.get("labels")
+        if boxes is None or labels is None:
+            raise ValueError(f"target {i} needs 'boxes' and 'labels'")
+        if boxes.dim() != 2 or boxes.shape[-1] != 4 or labels.shape != boxes.shape[:1]:
+            raise ValueError(f"target {i}: boxes must be [N, 4] and labels [N], got {tuple(boxes.shape)} "
+                             f"and {tuple(labels.shape)}")
+        if boxes.numel() and not bool(((boxes[:, 2:] > boxes[:, :2]).all())):
+            bad = torch.nonzero((boxes[:, 2:] <= boxes[:, :2]).any(1)).flatten().tolist()
+            raise ValueError(f"target {i}: boxes {bad} have zero or negative width/height (xyxy expected)")
+        if labels.numel() and not (1 <= int(labels.min()) and int(labels.max()) <= num_classes):
+            raise ValueError(f"target {i}: labels must lie in 1..{num_classes}, got {labels.tolist()}")

@@ -1,26 +1,14 @@
-"""Convert detectors to and from torchvision's implementations.
-
-    tv_model = to_torchvision(model)      # same weights and settings
-    model = from_torchvision(tv_model)    # e.g. torchvision's COCO checkpoints
-
-With the same weights both give the same detections (see
-tests/test_torchvision_equivalence.py), so torchvision's pre-trained COCO
-detectors can be evaluated and fine-tuned here, and our models can be used
-wherever torchvision's are.
-"""
-import torchvision
-from torch import nn
+"""Faster R-CNN <-> torchvision's FasterRCNN (fasterrcnn_resnet50_fpn and the like)."""
 from torchvision.models.detection import FasterRCNN as TVFasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
-from torchvision.models.detection.backbone_utils import BackboneWithFPN as TVBackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead as TVTwoMLPHead
 from torchvision.models.detection.rpn import RPNHead as TVRPNHead
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from aligndet.models.backbone import RESNETS, NORM_LAYERS
 from aligndet.models.faster_rcnn import FasterRCNN, build_faster_rcnn
-from aligndet.models.transform import IMAGENET_MEAN, IMAGENET_STD
+
+from .common import check_normalisation, copy_trainable_flags, norm_name, resnet_name, torchvision_backbone
 
 # Our parameter name -> torchvision's, where they differ.
 _RPN_CONV = ("rpn.head.conv.", "rpn.head.conv.0.0.")
@@ -32,22 +20,6 @@ def _to_tv_key(key: str) -> str:
 
 def _from_tv_key(key: str) -> str:
     return key.replace(_RPN_CONV[1], _RPN_CONV[0]) if key.startswith(_RPN_CONV[1]) else key
-
-
-def _resnet_name(body: nn.Module) -> str:
-    """Tell the ResNet depth from the number of blocks per stage."""
-    blocks = tuple(len(getattr(body, f"layer{i}")) for i in range(1, 5))
-    bottleneck = hasattr(body.layer1[0], "conv3")
-    depths = {(2, 2, 2, 2, False): "resnet18", (3, 4, 6, 3, False): "resnet34", (3, 4, 6, 3, True): "resnet50",
-              (3, 4, 23, 3, True): "resnet101", (3, 8, 36, 3, True): "resnet152"}
-    name = depths.get(blocks + (bottleneck,))
-    if name is None or name not in RESNETS:
-        raise ValueError(f"unsupported backbone: ResNet stages with {blocks} blocks")
-    return name
-
-
-def _norm_name(body: nn.Module) -> str:
-    return next(k for k, v in NORM_LAYERS.items() if isinstance(body.bn1, v))
 
 
 def _settings(model) -> dict:
@@ -80,12 +52,10 @@ def _settings(model) -> dict:
     for name, (value, expected) in unsupported.items():
         if value != expected:
             raise ValueError(f"only the default {name} {expected} convert, got {value}")
-    for value, expected in ((transform.image_mean, IMAGENET_MEAN), (transform.image_std, IMAGENET_STD)):
-        if any(abs(a - b) > 1e-6 for a, b in zip(value, expected)):
-            raise ValueError(f"only ImageNet normalisation converts, got mean/std {value}")
+    check_normalisation(transform)
     min_size = tuple(transform.min_size)
     return dict(
-        num_classes=num_classes, backbone=_resnet_name(model.backbone.body), norm=_norm_name(model.backbone.body),
+        num_classes=num_classes, backbone=resnet_name(model.backbone.body), norm=norm_name(model.backbone.body),
         fpn_channels=model.backbone.out_channels, min_size=min_size if len(min_size) > 1 else min_size[0],
         max_size=transform.max_size, anchor_sizes=tuple(s[0] for s in sizes), aspect_ratios=tuple(ratios[0]),
         rpn_pre_nms_top_n_train=pre["training"], rpn_pre_nms_top_n_test=pre["testing"],
@@ -96,16 +66,12 @@ def _settings(model) -> dict:
     )
 
 
-def to_torchvision(model: FasterRCNN) -> TVFasterRCNN:
+def faster_rcnn_to_torchvision(model: FasterRCNN) -> TVFasterRCNN:
     """A torchvision FasterRCNN with the same settings and (copied) weights."""
     if not isinstance(model, FasterRCNN):
-        raise TypeError(f"to_torchvision supports FasterRCNN, got {type(model).__name__}")
+        raise TypeError(f"expected our FasterRCNN, got {type(model).__name__}")
     s = _settings(model)
-    body = model.backbone.body
-    resnet = getattr(torchvision.models, s["backbone"])(weights=None, norm_layer=NORM_LAYERS[s["norm"]])
-    stage_channels = body.stage_channels()
-    tv_backbone = TVBackboneWithFPN(resnet, {f"layer{i}": str(i - 1) for i in range(1, 5)}, stage_channels,
-                                    s["fpn_channels"], extra_blocks=LastLevelMaxPool())
+    tv_backbone = torchvision_backbone(model.backbone, LastLevelMaxPool())
     anchors = TVAnchorGenerator(tuple((a,) for a in s["anchor_sizes"]), (s["aspect_ratios"],) * len(s["anchor_sizes"]))
     tv = TVFasterRCNN(
         tv_backbone, min_size=s["min_size"], max_size=s["max_size"],
@@ -122,25 +88,18 @@ def to_torchvision(model: FasterRCNN) -> TVFasterRCNN:
     )
     state = {_to_tv_key(k): v for k, v in model.state_dict().items()}
     tv.load_state_dict(state, strict=True)
-    _copy_trainable_flags(model, tv, _to_tv_key)
+    copy_trainable_flags(model, tv, _to_tv_key)
     return tv.train(model.training)
 
 
-def from_torchvision(tv_model: TVFasterRCNN) -> FasterRCNN:
+def faster_rcnn_from_torchvision(tv_model: TVFasterRCNN) -> FasterRCNN:
     """Our FasterRCNN with the settings and weights of a torchvision one."""
     if not isinstance(tv_model, TVFasterRCNN):
-        raise TypeError(f"from_torchvision supports torchvision FasterRCNN, got {type(tv_model).__name__}")
+        raise TypeError(f"expected torchvision's FasterRCNN, got {type(tv_model).__name__}")
     s = _settings(tv_model)
     num_classes = s.pop("num_classes")
     model = build_faster_rcnn(num_classes, **s)
     state = {_from_tv_key(k): v for k, v in tv_model.state_dict().items()}
     model.load_state_dict(state, strict=True)
-    _copy_trainable_flags(tv_model, model, _from_tv_key)
+    copy_trainable_flags(tv_model, model, _from_tv_key)
     return model.train(tv_model.training)
-
-
-def _copy_trainable_flags(src: nn.Module, dst: nn.Module, rename):
-    """Frozen backbone stages stay frozen across the conversion."""
-    dst_params = dict(dst.named_parameters())
-    for name, param in src.named_parameters():
-        dst_params[rename(name)].requires_grad_(param.requires_grad)
