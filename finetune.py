@@ -22,6 +22,10 @@ Runbook
   torchrun --nproc_per_node 8 finetune.py --preset coco --lr 0.03 --weight-decay 5e-5 \
       --init outputs/box/checkpoint.pth --label-fraction 0.1 --fold 0 ...
 
+  # RetinaNet or FCOS instead of Faster R-CNN: same flags, their own presets (lr 0.01 at 16 images on COCO)
+  python finetune.py --detector retinanet
+  python finetune.py --detector fcos --preset coco ...
+
   # Any other backbone: torchvision's names, or a MoCo / SwAV / DINO / DenseCL checkpoint
   python finetune.py --preset coco --init torchvision:ResNet50_Weights.IMAGENET1K_V2 ...
   python finetune.py --preset coco --init moco_v2_800ep_pretrain.pth.tar ...
@@ -38,6 +42,7 @@ log.jsonl (one JSON object per logged step / epoch), metrics.json (all 12 COCO
 stats for every evaluation).
 """
 import argparse
+import inspect
 import json
 import os
 import sys
@@ -55,26 +60,39 @@ from aligndet.engine import EpochBatches, NonFiniteLossError, add_run_arguments,
 from aligndet.evaluation import CocoEvaluator
 from aligndet.models import DETECTORS, build_detector
 
-# Settings each preset fills in unless given on the command line.
+# Settings each preset fills in unless given on the command line: the backbone, image sizes and schedule
+# here; what is particular to a detector in DETECTOR_PRESETS, which takes precedence.
 PRESETS = {
-    # Small and fast: the demo dataset on a laptop CPU, trained from scratch in about 7 minutes on 2 cores
-    # (the RoI-align backward pass dominates, hence 32 FPN channels and 64 sampled RoIs per image).
+    # Small and fast: the demo dataset on a laptop CPU, ResNet-18 at 128 px, trained from scratch in a few minutes
+    # on 2 cores.
     "demo": dict(backbone="resnet18", backbone_weights=None, norm="bn", trainable_layers=5, fpn_channels=32,
-                 representation_size=256, min_size=[128], max_size=128, anchor_sizes=[16, 32, 64, 128, 256],
-                 rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300, rpn_pre_nms_top_n_test=300,
-                 rpn_post_nms_top_n_test=150, rpn_batch_size_per_image=128, box_batch_size_per_image=64,
-                 epochs=4, batch_size=8, lr=0.04, weight_decay=1e-4, warmup_iters=100, lr_steps=[3],
-                 eval_every=2),
-    # The standard COCO 1x recipe (Faster R-CNN R50-FPN, 12 epochs, steps at 8 and 11).
+                 min_size=[128], max_size=128, epochs=4, batch_size=8, lr=0.04, weight_decay=1e-4,
+                 warmup_iters=100, lr_steps=[3], eval_every=2),
+    # The standard COCO 1x recipe (R50-FPN, 12 epochs, steps at 8 and 11).
     "coco": dict(backbone="resnet50", backbone_weights="imagenet", norm="frozen_bn", trainable_layers=3,
-                 fpn_channels=256, representation_size=1024, min_size=[800], max_size=1333,
-                 anchor_sizes=[32, 64, 128, 256, 512], rpn_pre_nms_top_n_train=2000, rpn_post_nms_top_n_train=2000,
-                 rpn_pre_nms_top_n_test=1000, rpn_post_nms_top_n_test=1000, rpn_batch_size_per_image=256,
-                 box_batch_size_per_image=512, epochs=12, batch_size=2, lr=0.02, weight_decay=1e-4,
-                 warmup_iters=500, lr_steps=[8, 11], eval_every=1),
+                 fpn_channels=256, min_size=[800], max_size=1333, epochs=12, batch_size=2, lr=0.02,
+                 weight_decay=1e-4, warmup_iters=500, lr_steps=[8, 11], eval_every=1),
 }
-MODEL_OPTIONS = ("backbone_weights", "norm", "trainable_layers", "fpn_channels", "representation_size", "min_size",
-                 "max_size", "anchor_sizes", "rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train",
+DETECTOR_PRESETS = {
+    # The RoI-align backward pass dominates on a CPU, hence 64 sampled RoIs per image in the demo.
+    ("faster_rcnn", "demo"): dict(representation_size=256, anchor_sizes=[16, 32, 64, 128, 256],
+                                  rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300,
+                                  rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=150,
+                                  rpn_batch_size_per_image=128, box_batch_size_per_image=64),
+    ("faster_rcnn", "coco"): dict(representation_size=1024, anchor_sizes=[32, 64, 128, 256, 512],
+                                  rpn_pre_nms_top_n_train=2000, rpn_post_nms_top_n_train=2000,
+                                  rpn_pre_nms_top_n_test=1000, rpn_post_nms_top_n_test=1000,
+                                  rpn_batch_size_per_image=256, box_batch_size_per_image=512),
+    # Anchors of half the COCO sizes on P3-P7 for 20-56 px digits in 128 px scenes.
+    ("retinanet", "demo"): dict(anchor_sizes=[16, 32, 64, 128, 256]),
+    ("retinanet", "coco"): dict(anchor_sizes=[32, 64, 128, 256, 512], lr=0.01),  # torchvision's recipe
+    # 64 FPN channels: GroupNorm(32) needs more than one value per group on the 1x1 P7 map of a 128 px image.
+    ("fcos", "demo"): dict(anchor_sizes=[8, 16, 32, 64, 128], fpn_channels=64),
+    ("fcos", "coco"): dict(anchor_sizes=[8, 16, 32, 64, 128], lr=0.01),
+}
+# Command-line options that are build_detector options; each detector takes those its build function names.
+MODEL_OPTIONS = ("backbone_weights", "norm", "trainable_layers", "fpn_channels", "min_size", "max_size",
+                 "anchor_sizes", "representation_size", "rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train",
                  "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test", "rpn_batch_size_per_image",
                  "box_batch_size_per_image")
 
@@ -99,23 +117,25 @@ def get_args_parser():
 
     m = p.add_argument_group("model (unset values come from --preset)")
     m.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="model, schedule and image-size preset")
-    m.add_argument("--detector", choices=sorted(DETECTORS), default="faster_rcnn")
+    m.add_argument("--detector", choices=sorted(DETECTORS), default="faster_rcnn",
+                   help="options marked (faster_rcnn) apply to that detector only")
     m.add_argument("--backbone", help="resnet18 / resnet34 / resnet50 / resnet101")
     m.add_argument("--backbone-weights", help="'imagenet' (torchvision's DEFAULT, downloads once), torchvision:<Enum>.<NAME>, "
                    "a file path, or 'none'")
     m.add_argument("--norm", choices=["frozen_bn", "bn", "sync_bn"], help="backbone normalisation")
     m.add_argument("--trainable-layers", type=int, help="backbone stages trained, 0-5 (from the top)")
     m.add_argument("--fpn-channels", type=int)
-    m.add_argument("--representation-size", type=int, help="width of the box head's two fc layers")
+    m.add_argument("--representation-size", type=int, help="width of the box head's two fc layers (faster_rcnn)")
     m.add_argument("--min-size", type=int, nargs="+", help="short side(s); several = multi-scale training")
     m.add_argument("--max-size", type=int, help="long-side cap")
-    m.add_argument("--anchor-sizes", type=int, nargs="+", help="one anchor size per pyramid level (P2-P6)")
-    m.add_argument("--rpn-pre-nms-top-n-train", type=int)
-    m.add_argument("--rpn-post-nms-top-n-train", type=int)
-    m.add_argument("--rpn-pre-nms-top-n-test", type=int)
-    m.add_argument("--rpn-post-nms-top-n-test", type=int)
-    m.add_argument("--rpn-batch-size-per-image", type=int, help="anchors sampled per image for the RPN loss")
-    m.add_argument("--box-batch-size-per-image", type=int, help="RoIs sampled per image for the box-head loss")
+    m.add_argument("--anchor-sizes", type=int, nargs="+", help="one anchor size per pyramid level: P2-P6 for faster_rcnn, P3-P7 for retinanet "
+                   "(3 octave scales each) and fcos (the point's size for centre sampling and scale ranges)")
+    m.add_argument("--rpn-pre-nms-top-n-train", type=int, help="(faster_rcnn)")
+    m.add_argument("--rpn-post-nms-top-n-train", type=int, help="(faster_rcnn)")
+    m.add_argument("--rpn-pre-nms-top-n-test", type=int, help="(faster_rcnn)")
+    m.add_argument("--rpn-post-nms-top-n-test", type=int, help="(faster_rcnn)")
+    m.add_argument("--rpn-batch-size-per-image", type=int, help="anchors sampled per image for the RPN loss (faster_rcnn)")
+    m.add_argument("--box-batch-size-per-image", type=int, help="RoIs sampled per image for the box-head loss (faster_rcnn)")
     m.add_argument("--init", nargs="+", default=[], metavar="WEIGHTS",
                    help="initialise from these, in order: a box-domain (train_box.py) or any detector checkpoint "
                         "(final output layers re-initialised), or backbone weights: train_image.py's checkpoint, "
@@ -140,9 +160,11 @@ def get_args_parser():
 
 
 def apply_preset(args):
-    for key, value in PRESETS[args.preset].items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
+    """Fill every unset option from the detector's preset, then from the general one."""
+    for preset in (DETECTOR_PRESETS.get((args.detector, args.preset), {}), PRESETS[args.preset]):
+        for key, value in preset.items():
+            if getattr(args, key, None) is None:
+                setattr(args, key, value)
     if args.backbone_weights in ("none", "None", ""):
         args.backbone_weights = None
     return args
@@ -168,10 +190,31 @@ def resolve_data(args):
 
 
 def model_options(args):
-    opts = {k: getattr(args, k) for k in MODEL_OPTIONS}
-    opts["min_size"] = tuple(opts["min_size"])
-    opts["anchor_sizes"] = tuple(opts["anchor_sizes"])
+    """The build_detector options set in ``args`` (after ``apply_preset``); an option
+    given for a detector that does not have it is an error, not silently ignored."""
+    accepted = inspect.signature(DETECTORS[args.detector]).parameters
+    opts = {}
+    for key in MODEL_OPTIONS:
+        value = getattr(args, key, None)
+        if key not in accepted:
+            if value is not None:
+                raise ValueError(f"--{key.replace('_', '-')} does not apply to {args.detector}")
+            continue
+        if value is not None or key == "backbone_weights":
+            opts[key] = tuple(value) if isinstance(value, list) else value
     return opts
+
+
+def check_init_detector(path, detector):
+    """A detector checkpoint of another architecture would load its backbone and
+    part of its neck only: refuse it with the flag to pass instead."""
+    if not os.path.isfile(path):
+        return
+    ckpt = load_checkpoint(path)
+    saved = ckpt.get("detector") or (ckpt.get("args") or {}).get("detector") if isinstance(ckpt, dict) else None
+    if saved and saved != detector and ckpt.get("stage") in ("box", "finetune"):
+        raise ValueError(f"{path} holds a {saved} ({ckpt['stage']} stage); pass --detector {saved} "
+                         f"(got --detector {detector})")
 
 
 def build_datasets(args):
@@ -214,6 +257,7 @@ def main(args):
         options["backbone_weights"] = None
     model = build_detector(args.detector, train_set.num_classes, backbone=args.backbone, **options)
     for path in args.init:
+        check_init_detector(path, args.detector)
         load_pretrained(model, path, keep_heads=args.keep_heads, log=print if main_proc else (lambda *a: None))
     model.to(device)
     model_without_ddp = model

@@ -16,6 +16,10 @@ Runbook
   python train_box.py --init outputs/image/checkpoint.pth
   python finetune.py --init outputs/box/checkpoint.pth --label-fraction 0.1
 
+  # RetinaNet or FCOS: the same flags plus --detector, in both scripts
+  python train_box.py --detector fcos --init outputs/image/checkpoint.pth --output-dir outputs/box_fcos
+  python finetune.py --detector fcos --init outputs/box_fcos/checkpoint.pth --label-fraction 0.1
+
   # COCO train2017 without labels, one GPU (stage 1: torchvision's ImageNet ResNet-50
   # unless --init names another backbone checkpoint)
   python -m aligndet.data.proposals build --images coco/train2017 \\
@@ -32,8 +36,8 @@ Runbook
 
 Learning rate: --lr is given for 16 images per step and scaled linearly to
 the real batch (batch size x processes): the paper uses 0.02 for Faster R-CNN
-at 16 images, SGD momentum 0.9, weight decay 1e-4, 500 warm-up iterations,
-lr x0.1 after epochs 8 and 11.
+(0.01 for RetinaNet and FCOS) at 16 images, SGD momentum 0.9, weight decay
+1e-4, 500 warm-up iterations, lr x0.1 after epochs 8 and 11.
 
 Outputs in --output-dir: checkpoint.pth (latest, resumable, "model" = the
 online detector), log.jsonl (every loss term, contrastive top-1 accuracy,
@@ -71,6 +75,15 @@ PRESETS = {
     "coco": dict(epochs=12, batch_size=2, lr=0.02, weight_decay=1e-4, warmup_iters=500, lr_steps=[8, 11],
                  num_samples=0, max_proposals=0, views="coco", proposal_preset="coco"),
 }
+# What differs per detector (taking precedence). The paper pre-trains RetinaNet and FCOS at lr 0.01 and keeps
+# 50 proposals per image for RetinaNet; num_samples counts predictions per image for Faster R-CNN (positive
+# RoIs) and RetinaNet (anchors) but per batch for FCOS (points), as in the official settings.
+DETECTOR_PRESETS = {
+    ("retinanet", "demo"): dict(lr=0.02, num_samples=128),
+    ("retinanet", "coco"): dict(lr=0.01, max_proposals=50),
+    ("fcos", "demo"): dict(lr=0.02, num_samples=512),
+    ("fcos", "coco"): dict(lr=0.01),
+}
 VIEWS = {"demo": DEMO_VIEW, "coco": COCO_VIEW}
 
 
@@ -88,7 +101,8 @@ def get_args_parser():
                    "(default for the demo: <demo-root>/proposals/train)")
     d.add_argument("--proposal-preset", choices=sorted(PROPOSAL_PRESETS),
                    help="selective-search filters used when the cache must be built")
-    d.add_argument("--max-proposals", type=int, help="proposals kept per image (0: all)")
+    d.add_argument("--max-proposals", type=int, help="proposals kept per image (0: all; the paper keeps 50 for "
+                   "retinanet)")
     d.add_argument("--select", choices=["random", "first"], default="random",
                    help="which proposals --max-proposals keeps (random: redrawn each epoch)")
     d.add_argument("--views", choices=sorted(VIEWS), help="view sizes: short sides and long-side cap")
@@ -107,8 +121,9 @@ def get_args_parser():
     m.add_argument("--embed-dim", type=int, default=256, help="embedding width D")
     m.add_argument("--temperature", type=float, default=0.5)
     m.add_argument("--base-momentum", type=float, default=0.996, help="EMA momentum at the start (cosine to 1)")
-    m.add_argument("--num-samples", type=int, help="predictions kept per image for the losses "
-                   "(0: the detector's official number, 4096 positive RoIs for Faster R-CNN)")
+    m.add_argument("--num-samples", type=int, help="predictions kept for the contrastive loss, per image (faster_rcnn, "
+                   "retinanet) or per batch (fcos); 0: the official number, 4096 positive RoIs for Faster R-CNN, "
+                   "2048 anchors / points for RetinaNet / FCOS")
 
     o = p.add_argument_group("optimisation (unset values come from --preset)")
     o.add_argument("--epochs", type=int)
@@ -124,11 +139,12 @@ def get_args_parser():
 
 
 def apply_presets(args):
-    for key, value in PRESETS[args.preset].items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
+    for preset in (DETECTOR_PRESETS.get((args.detector, args.preset), {}), PRESETS[args.preset]):
+        for key, value in preset.items():
+            if getattr(args, key, None) is None:
+                setattr(args, key, value)
     model = argparse.Namespace(**{k: None for k in finetune.MODEL_OPTIONS}, backbone=args.backbone,
-                               preset=args.preset)
+                               preset=args.preset, detector=args.detector)
     finetune.apply_preset(model)
     args.backbone = model.backbone
     args.model_options = finetune.model_options(model)
@@ -264,7 +280,8 @@ def main(args):
     if main_proc:
         log_file.close()
         print(f"online detector saved in {os.path.join(args.output_dir, 'checkpoint.pth')}; fine-tune it with "
-              f"python finetune.py --init {os.path.join(args.output_dir, 'checkpoint.pth')}")
+              f"python finetune.py{'' if args.detector == 'faster_rcnn' else ' --detector ' + args.detector} "
+              f"--init {os.path.join(args.output_dir, 'checkpoint.pth')}")
     dist_utils.cleanup()
 
 

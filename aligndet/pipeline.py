@@ -2,6 +2,7 @@
 
     python -m aligndet.pipeline                  # about 20 min on 2 CPU cores
     python -m aligndet.pipeline --out outputs/demo --label-fraction 0.1
+    python -m aligndet.pipeline --detector fcos --out outputs/demo_fcos   # or retinanet
 
 Stages, each a plain script run as a subprocess (their own output shows):
 
@@ -32,10 +33,10 @@ FINETUNE = dict(epochs=20, lr_steps=[15], eval_every=5)
 RUNS = {"a": "(a) stage 1 only", "b": "(b) stage 1 + box-domain (AlignDet)"}
 
 
-def stage_commands(out, fraction, seed):
+def stage_commands(out, fraction, seed, detector="faster_rcnn"):
     """``[(stage name, description, argv)]`` in order."""
     image, box = os.path.join(out, "image"), os.path.join(out, "box")
-    finetune = ["finetune.py", "--label-fraction", str(fraction), "--seed", str(seed),
+    finetune = ["finetune.py", "--detector", detector, "--label-fraction", str(fraction), "--seed", str(seed),
                 "--epochs", str(FINETUNE["epochs"]), "--lr-steps", *map(str, FINETUNE["lr_steps"]),
                 "--eval-every", str(FINETUNE["eval_every"]), "--resume"]
     return [
@@ -44,7 +45,7 @@ def stage_commands(out, fraction, seed):
         ("proposals", "selective-search proposals of the training scenes",
          ["-m", "aligndet.data.proposals"]),
         ("stage2", "stage 2: train_box.py (box-domain pre-training)",
-         ["train_box.py", "--init", os.path.join(image, "checkpoint.pth"), "--output-dir", box,
+         ["train_box.py", "--detector", detector, "--init", os.path.join(image, "checkpoint.pth"), "--output-dir", box,
           "--seed", str(seed), "--resume"]),
         ("finetune_a", f"fine-tune {fraction:.0%} labels from {RUNS['a']}",
          finetune + ["--init", os.path.join(image, "checkpoint.pth"), "--output-dir", os.path.join(out, "ft_a")]),
@@ -53,12 +54,12 @@ def stage_commands(out, fraction, seed):
     ]
 
 
-def run_stages(out, fraction, seed):
+def run_stages(out, fraction, seed, detector="faster_rcnn"):
     """Runs every stage not yet recorded as finished; returns ``{stage: seconds}``."""
     os.makedirs(out, exist_ok=True)
     record = os.path.join(out, "stages.json")
     done = json.load(open(record)) if os.path.isfile(record) else {}
-    for name, description, argv in stage_commands(out, fraction, seed):
+    for name, description, argv in stage_commands(out, fraction, seed, detector):
         if name in done:
             print(f"== {description}: done in an earlier run ({done[name] / 60:.1f} min)", flush=True)
             continue
@@ -72,13 +73,16 @@ def run_stages(out, fraction, seed):
     return done
 
 
-def report(out, seconds, fraction):
+DETECTOR_NAMES = {"faster_rcnn": "Faster R-CNN", "retinanet": "RetinaNet", "fcos": "FCOS"}
+
+
+def report(out, seconds, fraction, detector="faster_rcnn"):
     """The table (printed and returned as text) and the curves PNG."""
     image_metrics = json.load(open(os.path.join(out, "image", "metrics.json")))
     results = {k: json.load(open(os.path.join(out, f"ft_{k}", "metrics.json"))) for k in RUNS}
     minutes = {k: v / 60 for k, v in seconds.items()}
     lines = [
-        f"AlignDet on the demo dataset: Faster R-CNN R18-FPN fine-tuned on {fraction:.0%} of the labels",
+        f"AlignDet on the demo dataset: {DETECTOR_NAMES[detector]} R18-FPN fine-tuned on {fraction:.0%} of the labels",
         "",
         "| fine-tuned from | AP | AP50 | pre-training min | fine-tuning min |",
         "|---|---|---|---|---|",
@@ -107,11 +111,12 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="outputs/demo", help="every stage's output folder goes here")
     p.add_argument("--label-fraction", type=float, default=0.1, help="labelled share of the scenes for fine-tuning")
+    p.add_argument("--detector", choices=sorted(DETECTOR_NAMES), default="faster_rcnn")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     args.out = os.path.abspath(args.out)  # the stages run from the repository root
-    seconds = run_stages(args.out, args.label_fraction, args.seed)
-    report(args.out, seconds, args.label_fraction)
+    seconds = run_stages(args.out, args.label_fraction, args.seed, args.detector)
+    report(args.out, seconds, args.label_fraction, args.detector)
 
 
 if __name__ == "__main__":

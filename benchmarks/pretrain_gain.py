@@ -16,6 +16,7 @@ writes a PNG of AP against fine-tuning epoch.
     python benchmarks/pretrain_gain.py --fractions 0.1           # the 10 % comparison (about 45 min on 2 cores)
     python benchmarks/pretrain_gain.py                           # every fraction (a few hours)
     python benchmarks/pretrain_gain.py --runs a b --fractions 0.1  # a subset of the runs
+    python benchmarks/pretrain_gain.py --detector fcos --runs a b --fractions 0.1  # RetinaNet / FCOS
 """
 import argparse
 import json
@@ -45,11 +46,11 @@ def run(cmd, log_path):
     return time.time() - start
 
 
-def finetune(init, out, fraction, fold, seed, workdir):
+def finetune(init, out, fraction, fold, seed, detector):
     epochs, steps, every, _ = SCHEDULES[fraction]
     metrics_file = os.path.join(out, "metrics.json")
     if not os.path.isfile(metrics_file) or json.load(open(metrics_file))[-1]["epoch"] != epochs:
-        cmd = ["finetune.py", *(["--init", init] if init else []), "--label-fraction", str(fraction),
+        cmd = ["finetune.py", "--detector", detector, *(["--init", init] if init else []), "--label-fraction", str(fraction),
                "--fold", str(fold), "--resume", "--epochs", str(epochs), "--lr-steps", *map(str, steps), "--eval-every", str(every),
                "--seed", str(seed), "--output-dir", out]
         run(cmd, out + ".log")
@@ -71,12 +72,15 @@ def main():
     p.add_argument("--workdir", default="outputs/pretrain_gain", help="all runs go here; finished runs are reused")
     p.add_argument("--fractions", type=float, nargs="+", default=sorted(SCHEDULES, reverse=True))
     p.add_argument("--runs", nargs="+", choices=sorted(RUNS), default=list(RUNS), help="which initialisations")
+    p.add_argument("--detector", choices=["faster_rcnn", "retinanet", "fcos"], default="faster_rcnn",
+                   help="stage 2 and fine-tuning of this detector; stage 1 is shared by all in one --workdir")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--box-args", nargs=argparse.REMAINDER, default=[], help="extra train_box.py arguments")
     args = p.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
     os.chdir(ROOT)
     w, seed = args.workdir, ["--seed", str(args.seed)]
+    suffix = "" if args.detector == "faster_rcnn" else "_" + args.detector  # one workdir holds every detector
     inits = {"c": None}
     if {"a", "b"} & set(args.runs):
         inits["a"] = stage("stage 1 (supervised)", ["train_image.py", *seed], os.path.join(w, "stage1_sup"),
@@ -89,8 +93,9 @@ def main():
         knn = json.load(open(os.path.join(w, "stage1_moco", "metrics.json")))[-1]["knn_top1"]
         print(f"stage 1 (MoCo v2): val k-NN top-1 {knn:.3f}", flush=True)
     if "b" in args.runs:
-        inits["b"] = stage("stage 2 (train_box.py)", ["train_box.py", "--init", inits["a"], *seed, *args.box_args],
-                           os.path.join(w, "stage2"), os.path.join(w, "stage2.log"))
+        inits["b"] = stage("stage 2 (train_box.py)", ["train_box.py", "--detector", args.detector, "--init", inits["a"],
+                                                      *seed, *args.box_args],
+                           os.path.join(w, "stage2" + suffix), os.path.join(w, f"stage2{suffix}.log"))
 
     runs = [r for r in RUNS if r in args.runs]
     rows, panels = [], {}
@@ -98,11 +103,11 @@ def main():
         for fold in SCHEDULES[fraction][3]:
             results = {}
             for name in runs:
-                out = os.path.join(w, f"ft_{name}_{fraction:g}_fold{fold}")
-                results[name] = finetune(inits[name], out, fraction, fold, args.seed, w)
+                out = os.path.join(w, f"ft_{name}_{fraction:g}_fold{fold}{suffix}")
+                results[name] = finetune(inits[name], out, fraction, fold, args.seed, args.detector)
                 print(f"fraction {fraction:g} fold {fold} {RUNS[name]}: AP {results[name][-1]['AP']:.4f}", flush=True)
                 if fold == SCHEDULES[fraction][3][0]:
-                    title = f"{fraction:.0%} labels, fold {fold}: AP vs fine-tuning epoch"
+                    title = f"{args.detector}, {fraction:.0%} labels, fold {fold}: AP vs fine-tuning epoch"
                     panels.setdefault(title, {})[RUNS[name]] = [(m["epoch"], m["AP"]) for m in results[name]]
             rows.append((fraction, fold, results))
 
@@ -121,7 +126,7 @@ def main():
             reach = next((m["epoch"] for m in results["b"] if m["AP"] >= final_a), None)
             print(f"{fraction:.0%} fold {fold}: (b) reaches (a)'s final AP at epoch "
                   f"{reach if reach is not None else '(not reached)'} of {results['a'][-1]['epoch']}")
-    png = os.path.join(w, "ap_curves.png")
+    png = os.path.join(w, f"ap_curves{suffix}.png")
     colours = dict(zip(RUNS.values(), [CURVE_COLOURS[i] for i in (0, 1, 3, 2)]))  # (b) orange, as in make demo
     ap_curves_figure(panels, width=max(900, 450 * len(panels)), colours=colours).save(png)
     print(f"\ncurves: {png}")

@@ -1,21 +1,26 @@
-"""Speed of our Faster R-CNN against torchvision's, same weights, inputs and threads;
-and of a box-domain pre-training step against a supervised fine-tuning step.
+"""Speed of our detectors (Faster R-CNN, RetinaNet, FCOS) against torchvision's, same
+weights, inputs and threads; and of a box-domain pre-training step against a
+supervised fine-tuning step.
 
-    python benchmarks/speed.py                       # both settings below
-    python benchmarks/speed.py --setting demo --repeats 20
+    python benchmarks/speed.py                       # every detector, both settings below
+    python benchmarks/speed.py --detector fcos --setting demo --repeats 20
     python benchmarks/speed.py --device cuda --amp bf16
 
-Settings: "demo" is finetune.py's demo preset (ResNet-18, 128-px images,
-batch 8, read from finetune.PRESETS); "coco" is the standard ResNet-50-FPN
-at 800 px (batch 2, images 800x1067). The two models are timed alternately in one process (ours, theirs,
-ours, ...) so machine noise hits both alike; the median of the repeats is
-reported with the ratio ours / theirs (below 1 means we are faster).
+Settings: "demo" is finetune.py's demo preset of each detector (ResNet-18,
+128-px images, batch 8, read from finetune.py); "coco" is the standard
+ResNet-50-FPN at 800 px (batch 2, images 800x1067). The two models are timed
+alternately in one process (ours, theirs, ours, ...) so machine noise hits
+both alike; the median of the repeats is reported with the ratio ours /
+theirs (below 1 means we are faster). The one-stage detectors' classifier
+biases are set so that every candidate passes the score threshold: inference
+then times the full post-processing (top-k per level, NMS), the worst case.
 
 Pre-training vs fine-tuning (--what pretrain): the same images; the
 fine-tuning step trains the detector on their boxes, the pre-training step
 runs AlignDet on two views (the image and its mirror) with the boxes plus
-random proposals (32 per image for demo, 300 for coco), frozen backbone,
-momentum detector, embedding MLP and EMA update included.
+random proposals (train_box.py's max proposals for demo; 300 for coco, 50
+for RetinaNet), frozen backbone, momentum detector, embedding MLP and EMA
+update included.
 """
 import argparse
 import os
@@ -29,20 +34,35 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from aligndet.convert import to_torchvision  # noqa: E402
 from aligndet.models import build_detector  # noqa: E402
 from aligndet.pretrain.box import AlignDet  # noqa: E402
-from finetune import PRESETS, model_options  # noqa: E402
-from train_box import PRESETS as BOX_PRESETS  # noqa: E402
+import finetune  # noqa: E402
+import train_box  # noqa: E402
+from aligndet.models import DETECTORS  # noqa: E402
 
-DEMO = PRESETS["demo"]
-SETTINGS = {
-    "demo": dict(backbone=DEMO["backbone"], batch=DEMO["batch_size"], image_size=(128, 128), num_classes=10,
-                 options=model_options(argparse.Namespace(**DEMO))),
-    "coco": dict(backbone="resnet50", batch=2, image_size=(800, 1067), num_classes=80, options=dict()),
-}
+SIZES = {"demo": dict(batch=8, image_size=(128, 128), num_classes=10),
+         "coco": dict(batch=2, image_size=(800, 1067), num_classes=80)}
 
-# Box-domain pre-training: proposals per image given to the step, and positive RoIs kept
-# per image (train_box.py's presets; the official 4096 for COCO).
-PROPOSALS = {"demo": BOX_PRESETS["demo"]["max_proposals"], "coco": 300}
-PRETRAIN_SAMPLES = {"demo": BOX_PRESETS["demo"]["num_samples"], "coco": 4096}
+
+def setting_for(detector, setting):
+    """Backbone, build options, proposals per image and contrastive samples for one detector and setting."""
+    args = finetune.apply_preset(argparse.Namespace(**{k: None for k in finetune.MODEL_OPTIONS}, backbone=None,
+                                                    preset=setting, detector=detector))
+    options = finetune.model_options(args)
+    options["backbone_weights"] = None  # random weights: nothing to download
+    box = train_box.apply_presets(argparse.Namespace(
+        preset=setting, detector=detector, backbone=None,
+        **{k: None for k in ("epochs", "batch_size", "lr", "weight_decay", "warmup_iters", "lr_steps", "num_samples",
+                             "max_proposals", "views", "proposal_preset")}))
+    return dict(SIZES[setting], backbone=args.backbone, options=options, max_proposals=box.max_proposals,
+                num_samples=box.num_samples)
+
+
+def confident(model):
+    """One-stage detectors start with a 0.01 prior, below every score threshold; lift the
+    classifier bias so all candidates pass it and post-processing is timed in full."""
+    head = getattr(getattr(model, "head", None), "classification_head", None)
+    if head is not None:
+        torch.nn.init.constant_(head.cls_logits.bias, -2.0)
+    return model
 
 
 def make_inputs(batch, size, num_classes, seed=0):
@@ -83,10 +103,10 @@ def time_pair(fns, repeats, warmup, device):
     return times
 
 
-def bench(setting, repeats, warmup, device, amp):
-    cfg = SETTINGS[setting]
+def bench(detector, setting, repeats, warmup, device, amp):
+    cfg = setting_for(detector, setting)
     torch.manual_seed(0)
-    ours = build_detector("faster_rcnn", cfg["num_classes"], backbone=cfg["backbone"], **cfg["options"])
+    ours = confident(build_detector(detector, cfg["num_classes"], backbone=cfg["backbone"], **cfg["options"]))
     theirs = to_torchvision(ours)
     ours.to(device)
     theirs.to(device)
@@ -122,7 +142,7 @@ def bench(setting, repeats, warmup, device, amp):
     results["train step"] = time_pair([train_step(ours), train_step(theirs)], repeats, warmup, device)
     for name, (t_ours, t_theirs) in results.items():
         a, b = statistics.median(t_ours), statistics.median(t_theirs)
-        print(f"{setting:5s} {name:11s} batch {cfg['batch']} {cfg['image_size'][0]}x{cfg['image_size'][1]}: "
+        print(f"{detector:11s} {setting:5s} {name:11s} batch {cfg['batch']} {cfg['image_size'][0]}x{cfg['image_size'][1]}: "
               f"ours {a * 1000:8.1f} ms   torchvision {b * 1000:8.1f} ms   ratio {a / b:.3f}", flush=True)
     return results
 
@@ -146,13 +166,15 @@ def make_views(images, targets, num_proposals, seed=0):
     return views1, views2
 
 
-def bench_pretrain(setting, repeats, warmup, device, amp, num_proposals):
+def bench_pretrain(detector, setting, repeats, warmup, device, amp):
     """Box-domain pre-training step vs supervised fine-tuning step of the same detector, same batch."""
-    cfg = SETTINGS[setting]
+    cfg = setting_for(detector, setting)
     torch.manual_seed(0)
-    supervised = build_detector("faster_rcnn", cfg["num_classes"], backbone=cfg["backbone"], **cfg["options"])
-    pretrain = AlignDet(build_detector("faster_rcnn", 1, backbone=cfg["backbone"], **cfg["options"]),
-                        num_samples=PRETRAIN_SAMPLES[setting])
+    supervised = build_detector(detector, cfg["num_classes"], backbone=cfg["backbone"], **cfg["options"])
+    online = build_detector(detector, 1, backbone=cfg["backbone"], **cfg["options"])
+    num_proposals = cfg["max_proposals"] or online.PRETRAIN_MAX_PROPOSALS or 300
+    num_samples = cfg["num_samples"] or online.PRETRAIN_SAMPLES
+    pretrain = AlignDet(online, num_samples=num_samples)
     supervised.to(device).train()
     pretrain.to(device).train()
     images, targets = make_inputs(cfg["batch"], cfg["image_size"], cfg["num_classes"])
@@ -178,14 +200,15 @@ def bench_pretrain(setting, repeats, warmup, device, amp, num_proposals):
     t_pre, t_sup = time_pair([step(pretrain, lambda: pretrain(views1, views2)),
                               step(supervised, lambda: supervised(images, targets))], repeats, warmup, device)
     a, b = statistics.median(t_pre), statistics.median(t_sup)
-    print(f"{setting:5s} pre-training step ({num_proposals} proposals/image, up to {PRETRAIN_SAMPLES[setting]} "
-          f"RoIs) vs fine-tuning step, batch {cfg['batch']}: {a * 1000:8.1f} ms vs {b * 1000:8.1f} ms   "
+    print(f"{detector:11s} {setting:5s} pre-training step ({num_proposals} proposals/image, {num_samples} "
+          f"samples) vs fine-tuning step, batch {cfg['batch']}: {a * 1000:8.1f} ms vs {b * 1000:8.1f} ms   "
           f"ratio {a / b:.3f}", flush=True)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--setting", choices=["all", *SETTINGS], default="all")
+    p.add_argument("--detector", choices=["all", *DETECTORS], default="all")
+    p.add_argument("--setting", choices=["all", *SIZES], default="all")
     p.add_argument("--what", choices=["all", "torchvision", "pretrain"], default="all",
                    help="ours vs torchvision, and/or the pre-training step vs the fine-tuning step")
     p.add_argument("--repeats", type=int, default=10, help="timed runs per model (median reported)")
@@ -198,11 +221,12 @@ def main():
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, amp {args.amp}")
-    for setting in (SETTINGS if args.setting == "all" else [args.setting]):
-        if args.what in ("all", "torchvision"):
-            bench(setting, args.repeats, args.warmup, device, args.amp)
-        if args.what in ("all", "pretrain"):
-            bench_pretrain(setting, args.repeats, args.warmup, device, args.amp, PROPOSALS[setting])
+    for detector in (DETECTORS if args.detector == "all" else [args.detector]):
+        for setting in (SIZES if args.setting == "all" else [args.setting]):
+            if args.what in ("all", "torchvision"):
+                bench(detector, setting, args.repeats, args.warmup, device, args.amp)
+            if args.what in ("all", "pretrain"):
+                bench_pretrain(detector, setting, args.repeats, args.warmup, device, args.amp)
 
 
 if __name__ == "__main__":

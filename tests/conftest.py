@@ -2,10 +2,14 @@
 import json
 import os
 
-import numpy as np
-import pytest
-import torch
-from PIL import Image
+# OpenMP threads that spin while waiting starve each other (and the scripts the tests start) on a busy
+# 2-core machine; set before torch loads its OpenMP runtime, inherited by subprocesses.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -56,6 +60,48 @@ def write_image_folder(root, classes=("a", "b", "c"), per_class=6, size=32, seed
             pixels[y:y + s, x:x + s, k % 3] = 255
             Image.fromarray(pixels).save(os.path.join(root, name, f"{i:03d}.png"))
     return str(root)
+
+def squares_views(num_images=2, size=64, num_proposals=6, seed=0, sides=(12, 28)):
+    """``(views1, views2, metas)`` of images of coloured squares: view 1 is the
+    image, view 2 its mirror with a brightness change; the proposals are the
+    squares, ids offset per image as ``two_view_collate`` does."""
+    g = torch.Generator().manual_seed(seed)
+    views1, views2, metas, offset = [], [], [], 0
+    for j in range(num_images):
+        h, w = size, size + 16 * j  # different sizes: the batch is padded
+        image = torch.rand(3, h, w, generator=g) * 0.3
+        boxes = []
+        for c in range(num_proposals):
+            s = int(torch.randint(sides[0], sides[1], (1,), generator=g))
+            x = int(torch.randint(0, w - s, (1,), generator=g))
+            y = int(torch.randint(0, h - s, (1,), generator=g))
+            # Each proposal sits on a square of its own colour, so instances differ.
+            image[:, y:y + s, x:x + s] = (0.2 + 0.8 * torch.rand(3, 1, 1, generator=g))
+            boxes.append([x, y, x + s, y + s])
+        boxes = torch.tensor(boxes, dtype=torch.float32)
+        ids = torch.arange(num_proposals, dtype=torch.int64) + offset
+        flipped = boxes.clone()
+        flipped[:, 0], flipped[:, 2] = w - boxes[:, 2], w - boxes[:, 0]
+        views1.append({"image": image, "boxes": boxes, "ids": ids})
+        views2.append({"image": (image.flip(-1) * 0.8 + 0.1), "boxes": flipped, "ids": ids.clone()})
+        metas.append({"image_id": j + 1})
+        offset += num_proposals
+    return views1, views2, metas
+
+
+def assert_same_detections(ours, theirs):
+    """Two detectors' outputs on the same images agree: boxes and scores to 1e-4, labels exactly."""
+    for a, b in zip(ours, theirs, strict=True):
+        assert a["boxes"].shape == b["boxes"].shape and a["boxes"].shape[0] > 0
+        torch.testing.assert_close(a["boxes"], b["boxes"], rtol=0, atol=1e-4)
+        torch.testing.assert_close(a["scores"], b["scores"], rtol=0, atol=1e-4)
+        assert torch.equal(a["labels"], b["labels"])
+
+
+def assert_no_detections(detections):
+    for det in detections:
+        assert det["boxes"].shape == (0, 4) and det["scores"].shape == (0,) and det["labels"].shape == (0,)
+        assert det["labels"].dtype == torch.int64
 
 
 def run_gloo_workers(code, world_size=2, timeout=120):

@@ -27,7 +27,7 @@ from aligndet.models.faster_rcnn import FasterRCNN
 from aligndet.models.transform import IMAGENET_MEAN, IMAGENET_STD, DetectionTransform
 from aligndet.pretrain.box import AlignDet, box_domain_step
 from aligndet.pretrain.momentum import momentum_at
-from conftest import write_squares_coco
+from conftest import squares_views, write_squares_coco
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")
@@ -45,34 +45,6 @@ def small_detector(num_classes=1, seed=0):
 
 def small_aligndet(seed=0):
     return AlignDet(small_detector(seed=seed), embed_dim=32, total_steps=TOTAL_STEPS, num_samples=NUM_SAMPLES)
-
-
-def squares_views(num_images=2, size=64, num_proposals=6, seed=0, sides=(12, 28)):
-    """``(views1, views2, metas)`` of images of coloured squares: view 1 is the
-    image, view 2 its mirror with a brightness change; the proposals are the
-    squares, ids offset per image as ``two_view_collate`` does."""
-    g = torch.Generator().manual_seed(seed)
-    views1, views2, metas, offset = [], [], [], 0
-    for j in range(num_images):
-        h, w = size, size + 16 * j  # different sizes: the batch is padded
-        image = torch.rand(3, h, w, generator=g) * 0.3
-        boxes = []
-        for c in range(num_proposals):
-            s = int(torch.randint(sides[0], sides[1], (1,), generator=g))
-            x = int(torch.randint(0, w - s, (1,), generator=g))
-            y = int(torch.randint(0, h - s, (1,), generator=g))
-            # Each proposal sits on a square of its own colour, so instances differ.
-            image[:, y:y + s, x:x + s] = (0.2 + 0.8 * torch.rand(3, 1, 1, generator=g))
-            boxes.append([x, y, x + s, y + s])
-        boxes = torch.tensor(boxes, dtype=torch.float32)
-        ids = torch.arange(num_proposals, dtype=torch.int64) + offset
-        flipped = boxes.clone()
-        flipped[:, 0], flipped[:, 2] = w - boxes[:, 2], w - boxes[:, 0]
-        views1.append({"image": image, "boxes": boxes, "ids": ids})
-        views2.append({"image": (image.flip(-1) * 0.8 + 0.1), "boxes": flipped, "ids": ids.clone()})
-        metas.append({"image_id": j + 1})
-        offset += num_proposals
-    return views1, views2, metas
 
 
 def loss_sum(out):

@@ -5,6 +5,7 @@ from torchvision.models.detection import FasterRCNN as TVFasterRCNN
 
 from aligndet.convert import from_torchvision, to_torchvision
 from aligndet.models import build_detector
+from conftest import assert_same_detections
 
 SMALL = dict(min_size=128, max_size=192, fpn_channels=64, representation_size=128,
              anchor_sizes=(16, 32, 64, 128, 256), rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=300)
@@ -24,14 +25,6 @@ def _images(seed=1):
     return [torch.rand(3, 120, 150, generator=g), torch.rand(3, 100, 90, generator=g), torch.rand(3, 160, 128, generator=g)]
 
 
-def _assert_same_detections(ours, theirs):
-    for a, b in zip(ours, theirs):
-        assert a["boxes"].shape == b["boxes"].shape and a["boxes"].shape[0] > 0
-        torch.testing.assert_close(a["boxes"], b["boxes"], rtol=0, atol=1e-4)
-        torch.testing.assert_close(a["scores"], b["scores"], rtol=0, atol=1e-4)
-        assert torch.equal(a["labels"], b["labels"])
-
-
 @pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])
 def test_eval_detections_match_torchvision(backbone):
     model = _random_model(backbone).eval()
@@ -39,7 +32,7 @@ def test_eval_detections_match_torchvision(backbone):
     assert isinstance(tv, TVFasterRCNN)
     images = _images()
     with torch.no_grad():
-        _assert_same_detections(model(images), tv(images))
+        assert_same_detections(model(images), tv(images))
 
 
 def test_from_torchvision_round_trip():
@@ -50,7 +43,7 @@ def test_from_torchvision_round_trip():
     assert [p.requires_grad for p in model.parameters()] == [p.requires_grad for p in back.parameters()]
     images = _images(seed=4)
     with torch.no_grad():
-        _assert_same_detections(model(images), back(images))
+        assert_same_detections(model(images), back(images))
 
 
 def test_training_losses_match_torchvision():
@@ -95,4 +88,4 @@ def test_from_torchvision_builder_model(tmp_path):
     assert [p.requires_grad for p in model.parameters()] == [p.requires_grad for p in tv.parameters()]
     images = _images(seed=9)
     with torch.no_grad():
-        _assert_same_detections(model(images), tv(images))
+        assert_same_detections(model(images), tv(images))

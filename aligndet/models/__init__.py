@@ -2,9 +2,13 @@
 builds any of them by name; options are the named arguments of each
 detector's `build_*` function."""
 from .faster_rcnn import FasterRCNN, build_faster_rcnn
+from .fcos import FCOS, build_fcos
+from .retinanet import RetinaNet, build_retinanet
 
 DETECTORS = {
     "faster_rcnn": build_faster_rcnn,
+    "retinanet": build_retinanet,
+    "fcos": build_fcos,
 }
 
 
@@ -16,4 +20,5 @@ def build_detector(name: str, num_classes: int, backbone: str = "resnet50", **op
     return DETECTORS[name](num_classes, backbone=backbone, **options)
 
 
-__all__ = ["DETECTORS", "FasterRCNN", "build_detector", "build_faster_rcnn"]
+__all__ = ["DETECTORS", "FCOS", "FasterRCNN", "RetinaNet", "build_detector", "build_faster_rcnn", "build_fcos",
+           "build_retinanet"]

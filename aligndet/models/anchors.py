@@ -73,6 +73,8 @@ class AnchorGenerator(nn.Module):
         return anchors
 
     def forward(self, image_size, features) -> list:
-        """Per-level anchors for a padded batch of `image_size` (H, W)."""
+        """Per-level anchors for a padded batch of `image_size` (H, W), float32 at
+        least whatever the features' dtype (bf16 cannot hold pixel coordinates)."""
         sizes = [tuple(f.shape[-2:]) for f in features]
-        return self.grid_anchors(sizes, image_size, features[0].device, features[0].dtype)
+        dtype = torch.promote_types(features[0].dtype, torch.float32)
+        return self.grid_anchors(sizes, image_size, features[0].device, dtype)

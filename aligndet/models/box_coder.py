@@ -1,10 +1,15 @@
-"""Box coding: boxes <-> regression deltas (the R-CNN parametrisation).
+"""Box coding: boxes <-> regression deltas.
 
-A box is encoded relative to a reference box (anchor or proposal) as
+``BoxCoder`` (R-CNN, RetinaNet) encodes a box relative to a reference box
+(anchor or proposal) as
     dx = wx * (x - xa) / wa,   dy = wy * (y - ya) / ha,
     dw = ww * log(w / wa),     dh = wh * log(h / ha),
 with (x, y) the centre and (w, h) the size, all in absolute pixels and boxes
 in xyxy format. Width is x2 - x1 (no "+1"), as in torchvision.
+
+``LinearBoxCoder`` (FCOS) encodes a box as the distances from the reference's
+centre (the FCOS point) to its four sides, divided by the reference's size:
+    (l, t, r, b) = ((xa - x1) / wa, (ya - y1) / ha, (x2 - xa) / wa, (y2 - ya) / ha).
 """
 import math
 
@@ -52,7 +57,8 @@ class BoxCoder:
         """deltas [..., 4] (or [..., C*4] for class-specific deltas), reference
         [..., 4] xyxy -> boxes with the shape of deltas, xyxy absolute."""
         shape = deltas.shape
-        deltas = deltas.reshape(*shape[:-1], -1, 4)  # [..., C, 4]
+        # Pixel coordinates in float32 at least: under autocast the deltas may be bf16 / fp16.
+        deltas = deltas.reshape(*shape[:-1], shape[-1] // 4, 4).to(torch.promote_types(deltas.dtype, torch.float32))
         reference = reference.to(deltas.dtype).unsqueeze(-2)  # [..., 1, 4]
         wx, wy, ww, wh = self.weights
         ref_x, ref_y, ref_w, ref_h = _centre_size(reference)
@@ -66,3 +72,33 @@ class BoxCoder:
         half_h = 0.5 * (torch.exp(dh) * ref_h)
         boxes = torch.stack((ctr_x - half_w, ctr_y - half_h, ctr_x + half_w, ctr_y + half_h), dim=-1)
         return boxes.reshape(shape)
+
+
+class LinearBoxCoder:
+    """FCOS's box coding (torchvision's ``BoxLinearCoder(normalize_by_size=True)``):
+    side distances from the reference centre, in units of the reference's
+    width / height. FCOS's references are squares of side ``anchor size``
+    centred on the points, so the deltas are the paper's (l, t, r, b) divided
+    by the level's scale."""
+
+    def encode(self, boxes: Tensor, reference: Tensor) -> Tensor:
+        """boxes, reference: [..., 4] xyxy (broadcastable) -> deltas [..., 4] (l, t, r, b)."""
+        ctr_x = 0.5 * (reference[..., 0] + reference[..., 2])
+        ctr_y = 0.5 * (reference[..., 1] + reference[..., 3])
+        ref_w = reference[..., 2] - reference[..., 0]
+        ref_h = reference[..., 3] - reference[..., 1]
+        distances = torch.stack((ctr_x - boxes[..., 0], ctr_y - boxes[..., 1],
+                                 boxes[..., 2] - ctr_x, boxes[..., 3] - ctr_y), dim=-1)
+        return distances / torch.stack((ref_w, ref_h, ref_w, ref_h), dim=-1)
+
+    def decode(self, deltas: Tensor, reference: Tensor) -> Tensor:
+        """deltas [..., 4] (l, t, r, b), reference [..., 4] xyxy -> boxes [..., 4] xyxy absolute."""
+        deltas = deltas.to(torch.promote_types(deltas.dtype, torch.float32))  # pixels: float32 at least
+        reference = reference.to(deltas.dtype)
+        ctr_x = 0.5 * (reference[..., 0] + reference[..., 2])
+        ctr_y = 0.5 * (reference[..., 1] + reference[..., 3])
+        ref_w = reference[..., 2] - reference[..., 0]
+        ref_h = reference[..., 3] - reference[..., 1]
+        distances = deltas * torch.stack((ref_w, ref_h, ref_w, ref_h), dim=-1)
+        return torch.stack((ctr_x - distances[..., 0], ctr_y - distances[..., 1],
+                            ctr_x + distances[..., 2], ctr_y + distances[..., 3]), dim=-1)

@@ -32,6 +32,7 @@ class FasterRCNN(nn.Module):
     CLASSIFIER_LAYERS = ("roi_heads.box_predictor.cls_score.",)
     # Box-domain pre-training: positive RoIs kept per image (official: 4096).
     PRETRAIN_SAMPLES = 4096
+    PRETRAIN_MAX_PROPOSALS = None  # all proposals of an image
 
     def __init__(self, backbone: BackboneWithFPN, transform: DetectionTransform, rpn: RegionProposalNetwork,
                  roi_heads: RoIHeads, num_classes: int):

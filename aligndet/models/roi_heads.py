@@ -2,7 +2,7 @@
 refine its box (Girshick 2015; Lin et al. 2017 for the FPN level mapping)."""
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 from torchvision.ops import MultiScaleRoIAlign, batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
 
 from .box_coder import BoxCoder
