@@ -83,16 +83,19 @@ DETECTOR_PRESETS = {
                                   rpn_pre_nms_top_n_train=2000, rpn_post_nms_top_n_train=2000,
                                   rpn_pre_nms_top_n_test=1000, rpn_post_nms_top_n_test=1000,
                                   rpn_batch_size_per_image=256, box_batch_size_per_image=512),
-    # Anchors of half the COCO sizes on P3-P7 for 20-56 px digits in 128 px scenes.
-    ("retinanet", "demo"): dict(anchor_sizes=[16, 32, 64, 128, 256]),
-    ("retinanet", "coco"): dict(anchor_sizes=[32, 64, 128, 256, 512], lr=0.01),  # torchvision's recipe
+    # Anchors of half the COCO sizes on P3-P7 for 20-56 px digits in 128 px scenes. GroupNorm in the towers: without
+    # it a small RetinaNet barely starts learning in 500 iterations (benchmarks/RESULTS.md); 64 FPN channels, as
+    # GroupNorm(32) needs more than one value per group on the 1x1 P7 map of a 128 px image.
+    ("retinanet", "demo"): dict(anchor_sizes=[16, 32, 64, 128, 256], head_norm="gn", fpn_channels=64, lr=0.02),
+    # The one-stage detectors' lr is half Faster R-CNN's, as in torchvision's and the paper's recipes.
+    ("retinanet", "coco"): dict(anchor_sizes=[32, 64, 128, 256, 512], head_norm="none", lr=0.01),
     # 64 FPN channels: GroupNorm(32) needs more than one value per group on the 1x1 P7 map of a 128 px image.
-    ("fcos", "demo"): dict(anchor_sizes=[8, 16, 32, 64, 128], fpn_channels=64),
+    ("fcos", "demo"): dict(anchor_sizes=[8, 16, 32, 64, 128], fpn_channels=64, lr=0.02),
     ("fcos", "coco"): dict(anchor_sizes=[8, 16, 32, 64, 128], lr=0.01),
 }
 # Command-line options that are build_detector options; each detector takes those its build function names.
 MODEL_OPTIONS = ("backbone_weights", "norm", "trainable_layers", "fpn_channels", "min_size", "max_size",
-                 "anchor_sizes", "representation_size", "rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train",
+                 "anchor_sizes", "head_norm", "representation_size", "rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train",
                  "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test", "rpn_batch_size_per_image",
                  "box_batch_size_per_image")
 
@@ -125,6 +128,7 @@ def get_args_parser():
     m.add_argument("--norm", choices=["frozen_bn", "bn", "sync_bn"], help="backbone normalisation")
     m.add_argument("--trainable-layers", type=int, help="backbone stages trained, 0-5 (from the top)")
     m.add_argument("--fpn-channels", type=int)
+    m.add_argument("--head-norm", choices=["none", "gn"], help="norm in the towers (retinanet; fcos always has gn)")
     m.add_argument("--representation-size", type=int, help="width of the box head's two fc layers (faster_rcnn)")
     m.add_argument("--min-size", type=int, nargs="+", help="short side(s); several = multi-scale training")
     m.add_argument("--max-size", type=int, help="long-side cap")

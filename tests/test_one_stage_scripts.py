@@ -88,6 +88,12 @@ def test_presets_per_detector():
     assert frcnn.lr == 0.02 and retina.lr == 0.01  # the official recipes at 16 images
     assert retina.rpn_batch_size_per_image is None and retina.anchor_sizes == [32, 64, 128, 256, 512]
     assert finetune.apply_preset(parse(["--detector", "retinanet", "--lr", "0.5"])).lr == 0.5  # flags win
+    demo = finetune.apply_preset(parse(["--detector", "retinanet"]))
+    assert demo.lr == 0.02 and finetune.model_options(demo)["head_norm"] == "gn"
+    assert finetune.model_options(finetune.apply_preset(parse(["--detector", "retinanet", "--preset", "coco"])))[
+        "head_norm"] == "none"  # the standard RetinaNet for COCO
+    with pytest.raises(ValueError, match="--head-norm does not apply to faster_rcnn"):
+        finetune.model_options(finetune.apply_preset(parse(["--head-norm", "gn"])))
 
     def box_args(*argv):
         return train_box.apply_presets(train_box.get_args_parser().parse_args(list(argv)))

@@ -30,6 +30,14 @@ def test_stages_run_in_order_and_finished_ones_are_skipped(tmp_path, monkeypatch
     assert calls == []  # everything was recorded as finished
 
 
+def test_detector_reaches_stage2_and_both_finetunes(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(pipeline.subprocess, "call", lambda argv, cwd: calls.append(argv[1:]) or 0)
+    pipeline.run_stages(str(tmp_path / "demo"), 0.1, seed=0, detector="fcos")
+    assert [c[c.index("--detector") + 1] for c in calls if "--detector" in c] == ["fcos"] * 3
+    assert "--detector" not in calls[0]  # stage 1 trains a backbone only
+
+
 def test_a_failed_stage_stops_with_its_name_and_is_not_recorded(tmp_path, monkeypatch):
     codes = iter([0, 0, 3])
     monkeypatch.setattr(pipeline.subprocess, "call", lambda argv, cwd: next(codes))

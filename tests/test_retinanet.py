@@ -126,6 +126,23 @@ def test_conversion_refuses_what_torchvision_cannot_express():
     tv = torchvision.models.detection.retinanet_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=3)
     with pytest.raises(ValueError, match="GroupNorm"):
         from_torchvision(tv)
+    with pytest.raises(ValueError, match="head_norm='none'"):
+        to_torchvision(_random_model(head_norm="gn"))
+
+
+def test_group_norm_head():
+    """head_norm="gn": GroupNorm(32) after every tower conv; trains and detects like the plain head."""
+    model = build_retinanet(3, "resnet18", **{**SMALL, "fpn_channels": 64}, head_norm="gn")
+    for tower in (model.head.classification_head.conv, model.head.regression_head.conv):
+        norms = [m for m in tower if isinstance(m, nn.GroupNorm)]
+        assert len(norms) == 4 and all(n.num_groups == 32 and n.num_channels == 64 for n in norms)
+    images = _two_images()
+    targets = [{"boxes": torch.tensor([[4.0, 6.0, 40.0, 50.0]]), "labels": torch.tensor([2])},
+               {"boxes": torch.tensor([[10.0, 10.0, 30.0, 34.0]]), "labels": torch.tensor([3])}]
+    losses = model.train()(images, targets)
+    assert set(losses) == {"loss_classifier", "loss_box_reg"} and all(torch.isfinite(v) for v in losses.values())
+    with pytest.raises(ValueError, match="head_norm"):
+        build_retinanet(3, "resnet18", head_norm="bn")
 
 
 def test_build_rejects_bad_options():

@@ -72,6 +72,8 @@ def _settings(model) -> dict:
     else:
         if backbone.body.returned_layers != (2, 3, 4):
             raise ValueError(f"only an FPN on layer2-layer4 converts, got {backbone.body.returned_layers}")
+        if head.group_norm:
+            raise ValueError("only towers without a norm convert (head_norm='none'), as in retinanet_resnet50_fpn")
         num_classes = model.num_classes
         iou = (model.matcher.high, model.matcher.low, model.matcher.allow_low_quality)
         box_loss = model.box_loss

@@ -48,10 +48,10 @@ class RegressionHead(nn.Module):
     """Tower, then a 3x3 conv giving 4 box deltas per anchor (relative to the
     anchor, ``BoxCoder((1, 1, 1, 1))``). Returns {"bbox_regression": [B, T, 4]}."""
 
-    def __init__(self, channels: int, num_anchors: int):
+    def __init__(self, channels: int, num_anchors: int, group_norm: bool = False):
         super().__init__()
         self.num_anchors = num_anchors
-        self.conv = ConvTower(channels)
+        self.conv = ConvTower(channels, group_norm=group_norm)
         self.bbox_reg = nn.Conv2d(channels, num_anchors * 4, 3, padding=1)
         nn.init.normal_(self.bbox_reg.weight, std=0.01)
         nn.init.zeros_(self.bbox_reg.bias)
@@ -63,12 +63,14 @@ class RegressionHead(nn.Module):
 
 class RetinaNetHead(nn.Module):
     """Classification and regression heads, shared by all pyramid levels.
-    Returns {"cls_logits": [B, T, K], "bbox_regression": [B, T, 4]}."""
+    Returns {"cls_logits": [B, T, K], "bbox_regression": [B, T, 4]}.
+    group_norm: GroupNorm(32) in the towers (the head of retinanet_resnet50_fpn_v2)."""
 
-    def __init__(self, channels: int, num_anchors: int, num_classes: int):
+    def __init__(self, channels: int, num_anchors: int, num_classes: int, group_norm: bool = False):
         super().__init__()
-        self.classification_head = ClassificationHead(channels, num_anchors, num_classes)
-        self.regression_head = RegressionHead(channels, num_anchors)
+        self.group_norm = group_norm
+        self.classification_head = ClassificationHead(channels, num_anchors, num_classes, group_norm=group_norm)
+        self.regression_head = RegressionHead(channels, num_anchors, group_norm)
 
     def forward(self, features):
         return {**self.classification_head(features), **self.regression_head(features)}
@@ -149,7 +151,8 @@ class RetinaNet(OneStageDetector):
 def build_retinanet(num_classes: int, backbone: str = "resnet50", *, backbone_weights=None, norm: str = "frozen_bn",
                     trainable_layers: int = 3, fpn_channels: int = 256, min_size=800, max_size: int = 1333,
                     anchor_sizes=(32, 64, 128, 256, 512), aspect_ratios=(0.5, 1.0, 2.0), scales_per_octave: int = 3,
-                    fg_iou_thresh: float = 0.5, bg_iou_thresh: float = 0.4, box_loss: str = "l1",
+                    head_norm: str = "none", fg_iou_thresh: float = 0.5, bg_iou_thresh: float = 0.4,
+                    box_loss: str = "l1",
                     focal_alpha: float = 0.25, focal_gamma: float = 2.0, score_thresh: float = 0.05,
                     nms_thresh: float = 0.5, detections_per_img: int = 300,
                     topk_candidates: int = 1000) -> RetinaNet:
@@ -160,9 +163,13 @@ def build_retinanet(num_classes: int, backbone: str = "resnet50", *, backbone_we
     sizes ``int(s * 2 ** (i / scales_per_octave))`` for i < scales_per_octave,
     times every aspect ratio (h / w). box_loss is "l1" (on the box deltas,
     torchvision's default) or "giou" (on the decoded boxes, as in
-    retinanet_resnet50_fpn_v2). Shrink fpn_channels, anchor sizes and image
-    sizes for small CPU runs.
+    retinanet_resnet50_fpn_v2). head_norm "gn" puts GroupNorm(32) in the
+    towers (also as in the _v2 model): a small RetinaNet trained briefly
+    learns far faster with it (benchmarks/RESULTS.md), the standard one has
+    none. Shrink fpn_channels, anchor sizes and image sizes for small CPU runs.
     """
+    if head_norm not in ("none", "gn"):
+        raise ValueError(f"head_norm must be 'none' or 'gn', got {head_norm!r}")
     if len(anchor_sizes) != NUM_LEVELS:
         raise ValueError(f"RetinaNet predicts on {NUM_LEVELS} levels (P3-P7): give {NUM_LEVELS} anchor sizes, "
                          f"got {tuple(anchor_sizes)}")
@@ -178,7 +185,7 @@ def build_retinanet(num_classes: int, backbone: str = "resnet50", *, backbone_we
     sizes = tuple(tuple(int(s * 2 ** (i / scales_per_octave)) for i in range(scales_per_octave))
                   for s in anchor_sizes)
     anchors = AnchorGenerator(sizes, (tuple(aspect_ratios),) * NUM_LEVELS)
-    head = RetinaNetHead(fpn_channels, anchors.num_anchors_per_location()[0], num_classes)
+    head = RetinaNetHead(fpn_channels, anchors.num_anchors_per_location()[0], num_classes, head_norm == "gn")
     matcher = IoUMatcher(fg_iou_thresh, bg_iou_thresh, allow_low_quality=True)
     return RetinaNet(body, DetectionTransform(min_size, max_size), anchors, head, num_classes, matcher,
                      box_loss=box_loss, focal_alpha=focal_alpha, focal_gamma=focal_gamma, score_thresh=score_thresh,
