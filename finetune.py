@@ -209,18 +209,6 @@ def model_options(args):
     return opts
 
 
-def check_init_detector(path, detector):
-    """A detector checkpoint of another architecture would load its backbone and
-    part of its neck only: refuse it with the flag to pass instead."""
-    if not os.path.isfile(path):
-        return
-    ckpt = load_checkpoint(path)
-    saved = ckpt.get("detector") or (ckpt.get("args") or {}).get("detector") if isinstance(ckpt, dict) else None
-    if saved and saved != detector and ckpt.get("stage") in ("box", "finetune"):
-        raise ValueError(f"{path} holds a {saved} ({ckpt['stage']} stage); pass --detector {saved} "
-                         f"(got --detector {detector})")
-
-
 def build_datasets(args):
     """Training set (optionally a --label-fraction subset) and validation set."""
     train_set = CocoDetection(args.train_images, args.train_json, train_transforms(), remove_empty=True)
@@ -261,8 +249,8 @@ def main(args):
         options["backbone_weights"] = None
     model = build_detector(args.detector, train_set.num_classes, backbone=args.backbone, **options)
     for path in args.init:
-        check_init_detector(path, args.detector)
-        load_pretrained(model, path, keep_heads=args.keep_heads, log=print if main_proc else (lambda *a: None))
+        load_pretrained(model, path, keep_heads=args.keep_heads, log=print if main_proc else (lambda *a: None),
+                        detector=args.detector)
     model.to(device)
     model_without_ddp = model
     if world > 1:

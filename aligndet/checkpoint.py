@@ -96,7 +96,7 @@ def _state_dict_of(checkpoint):
     return checkpoint
 
 
-def load_pretrained(model, path, keep_heads=False, log=print):
+def load_pretrained(model, path, keep_heads=False, log=print, detector=None):
     """Initialise ``model`` from a stage checkpoint or an imported backbone and print what happened.
 
     Accepted sources (AlignDet's transfer, DESIGN section 3.8):
@@ -112,9 +112,18 @@ def load_pretrained(model, path, keep_heads=False, log=print):
         DenseCL checkpoints, ``torchvision:ResNet50_Weights.IMAGENET1K_V2``,
         ``imagenet``); loaded into ``model.backbone.body``.
 
+    ``detector``: the registry name of ``model``; a train_box.py / finetune.py
+    checkpoint of another detector is refused (it would load only the backbone
+    and part of the neck).
+
     Returns a dict of key lists: loaded, reinitialised, unexpected, mismatched.
     """
     checkpoint = load_checkpoint(path) if Path(path).is_file() else None
+    if detector and isinstance(checkpoint, dict) and checkpoint.get("stage") in ("box", "finetune"):
+        saved = checkpoint.get("detector") or (checkpoint.get("args") or {}).get("detector")
+        if saved and saved != detector:
+            raise CheckpointError(f"{path} holds a {saved} ({checkpoint['stage']} stage); pass --detector {saved} "
+                                  f"(got --detector {detector})")
     state = _state_dict_of(checkpoint) if isinstance(checkpoint, dict) else None
     if state and any(k.startswith("backbone.body.") for k in state):
         return _load_detector(model, path, state, keep_heads, log)
