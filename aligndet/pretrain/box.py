@@ -8,7 +8,8 @@ The stage-1 backbone runs once per view, in eval mode and without gradient;
 the online detector's neck and heads and its embedding MLP train; the momentum
 detector is an EMA of them (``momentum.py``).
 
-A detector plugs in by providing (see ``FasterRCNN``):
+A detector plugs in by providing (see ``FasterRCNN`` and ``OneStageDetector``,
+the base of RetinaNet and FCOS):
 
 - ``transform(images, targets, resize=False)``: normalise and batch the views;
 - ``backbone.body``: the stage-1 backbone that stays frozen;
