@@ -89,7 +89,7 @@ DETECTOR_PRESETS = {
     ("retinanet", "demo"): dict(anchor_sizes=[16, 32, 64, 128, 256], head_norm="gn", fpn_channels=64, lr=0.02),
     # The one-stage detectors' lr is half Faster R-CNN's, as in torchvision's and the paper's recipes.
     ("retinanet", "coco"): dict(anchor_sizes=[32, 64, 128, 256, 512], head_norm="none", lr=0.01),
-    # 64 FPN channels: GroupNorm(32) needs more than one value per group on the 1x1 P7 map of a 128 px image.
+    # 64 FPN channels for FCOS's GroupNorm too.
     ("fcos", "demo"): dict(anchor_sizes=[8, 16, 32, 64, 128], fpn_channels=64, lr=0.02),
     ("fcos", "coco"): dict(anchor_sizes=[8, 16, 32, 64, 128], lr=0.01),
 }
@@ -163,12 +163,19 @@ def get_args_parser():
     return p
 
 
-def apply_preset(args):
-    """Fill every unset option from the detector's preset, then from the general one."""
-    for preset in (DETECTOR_PRESETS.get((args.detector, args.preset), {}), PRESETS[args.preset]):
+def fill_presets(args, presets, detector_presets):
+    """Set every option still None in ``args`` from ``detector_presets[(detector, preset)]``,
+    then from ``presets[preset]`` (train_box.py passes its own two tables)."""
+    for preset in (detector_presets.get((args.detector, args.preset), {}), presets[args.preset]):
         for key, value in preset.items():
             if getattr(args, key, None) is None:
                 setattr(args, key, value)
+    return args
+
+
+def apply_preset(args):
+    """Fill every unset option from the detector's preset, then from the general one."""
+    fill_presets(args, PRESETS, DETECTOR_PRESETS)
     if args.backbone_weights in ("none", "None", ""):
         args.backbone_weights = None
     return args

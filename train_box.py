@@ -140,10 +140,7 @@ def get_args_parser():
 
 
 def apply_presets(args):
-    for preset in (DETECTOR_PRESETS.get((args.detector, args.preset), {}), PRESETS[args.preset]):
-        for key, value in preset.items():
-            if getattr(args, key, None) is None:
-                setattr(args, key, value)
+    finetune.fill_presets(args, PRESETS, DETECTOR_PRESETS)
     model = argparse.Namespace(**{k: None for k in finetune.MODEL_OPTIONS}, backbone=args.backbone,
                                preset=args.preset, detector=args.detector)
     finetune.apply_preset(model)

@@ -36,7 +36,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from aligndet.convert import to_torchvision  # noqa: E402
 from aligndet.models import build_detector  # noqa: E402
 from aligndet.pretrain.box import AlignDet  # noqa: E402
-import finetune  # noqa: E402
 import train_box  # noqa: E402
 from aligndet.models import DETECTORS  # noqa: E402
 
@@ -46,15 +45,10 @@ SIZES = {"demo": dict(batch=8, image_size=(128, 128), num_classes=10),
 
 def setting_for(detector, setting):
     """Backbone, build options, proposals per image and contrastive samples for one detector and setting."""
-    args = finetune.apply_preset(argparse.Namespace(**{k: None for k in finetune.MODEL_OPTIONS}, backbone=None,
-                                                    preset=setting, detector=detector))
-    options = finetune.model_options(args)
-    options["backbone_weights"] = None  # random weights: nothing to download
-    box = train_box.apply_presets(argparse.Namespace(
-        preset=setting, detector=detector, backbone=None,
-        **{k: None for k in ("epochs", "batch_size", "lr", "weight_decay", "warmup_iters", "lr_steps", "num_samples",
-                             "max_proposals", "views", "proposal_preset")}))
-    return dict(SIZES[setting], backbone=args.backbone, options=options, max_proposals=box.max_proposals,
+    # train_box.py's presets carry the architecture (finetune.py's preset of the same name) too.
+    box = train_box.apply_presets(train_box.get_args_parser().parse_args(["--preset", setting, "--detector", detector]))
+    options = dict(box.model_options, backbone_weights=None)  # random weights: nothing to download
+    return dict(SIZES[setting], backbone=box.backbone, options=options, max_proposals=box.max_proposals,
                 num_samples=box.num_samples)
 
 

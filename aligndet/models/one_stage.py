@@ -140,8 +140,6 @@ class OneStageDetector(nn.Module):
 
     def forward(self, images, targets=None):
         if self.training:
-            if targets is None:
-                raise ValueError("targets are needed in training mode")
             check_targets(targets, self.num_classes)
         original_sizes = [tuple(im.shape[-2:]) for im in images]
         batch, image_sizes, targets = self.transform(images, targets)

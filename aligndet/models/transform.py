@@ -89,7 +89,9 @@ class DetectionTransform(nn.Module):
 
 
 def check_targets(targets, num_classes: int):
-    """Clear errors for malformed targets, before they fail deep inside torch."""
+    """Clear errors for missing or malformed training targets, before they fail deep inside torch."""
+    if targets is None:
+        raise ValueError("targets are needed in training mode")
     for i, t in enumerate(targets):
         boxes, labels = t.get("boxes"), t.get("labels")
         if boxes is None or labels is None:
