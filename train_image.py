@@ -2,7 +2,7 @@
 object-centric images, supervised (classification) or self-supervised (MoCo v2).
 
 Stage 1 is ordinary backbone pre-training; AlignDet works with any of it
-(DESIGN.md section 2). Most users import an existing backbone instead:
+(docs/method.md §2). Most users import an existing backbone instead:
 train_box.py and finetune.py take --init torchvision:ResNet50_Weights.IMAGENET1K_V2
 or a local MoCo / SwAV / DINO / DenseCL checkpoint directly. The checkpoint
 written here holds the ResNet without its classifier under "backbone", which
@@ -46,26 +46,27 @@ Outputs in --output-dir: checkpoint.pth (latest, resumable; "backbone" = the
 ResNet without fc), log.jsonl (one JSON object per logged step / epoch),
 metrics.json (top-1, or k-NN top-1 for MoCo v2, at every evaluation).
 """
-import argparse
 import json
 import os
 import sys
 import time
 
 import torch
-import torch.nn.functional as F
 import torchvision
 
 from aligndet import distributed as dist_utils
-from aligndet.checkpoint import CheckpointError, args_to_dict, latest_checkpoint, load_checkpoint, save_checkpoint
+from aligndet.checkpoint import CheckpointError, RunCheckpoint
+from aligndet.cli import add_run_arguments, runbook_parser
 from aligndet.data.demo import DemoDataError, ensure_demo
 from aligndet.data.image_folder import ImageFolder, collate_skipping
-from aligndet.data.transforms import classification_eval_transforms, classification_train_transforms
-from aligndet.engine import EpochBatches, NonFiniteLossError, add_run_arguments, cosine_lr, start_run, train_one_epoch
+from aligndet.data.transforms import (TwoCrops, build_moco_v2_transform, classification_eval_transforms,
+                                      classification_train_transforms)
+from aligndet.engine import EpochBatches, JsonLog, NonFiniteLossError, cosine_lr, start_run, train_one_epoch
 from aligndet.models.backbone import RESNETS
 from aligndet.models.weights import load_backbone_weights
 from aligndet.pretrain.knn import extract_features, knn_top1
-from aligndet.pretrain.moco import MoCo, TwoCrops, build_moco_v2_transform
+from aligndet.pretrain.moco import MoCo
+from aligndet.pretrain.supervised import ImageClassifier
 
 # Settings each (preset, method) fills in unless given on the command line.
 PRESETS = {
@@ -90,13 +91,12 @@ PRESETS = {
 }
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows each option's default and the runbook as written."""
+def preset_defaults(preset, method):
+    return PRESETS[(preset, method)]
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("train_image.py", description=__doc__[:__doc__.index("Runbook")].strip(),
-                                epilog=__doc__[__doc__.index("Runbook"):], formatter_class=HelpFormatter)
+    p = runbook_parser("train_image.py", __doc__, preset_keys=("preset", "method"), presets=preset_defaults)
     d = p.add_argument_group("data (default: the embedded demo dataset's object-centric set)")
     d.add_argument("--train", help="training images: an ImageNet-style folder <class>/<image> "
                    "(for mocov2 the classes are ignored and any folder tree works)")
@@ -106,7 +106,7 @@ def get_args_parser():
     d.add_argument("--demo-root", default="data/demo")
     d.add_argument("--workers", type=int, default=2, help="data-loading processes per training process")
 
-    m = p.add_argument_group("method and model (unset values come from --preset)")
+    m = p.add_argument_group("method and model (defaults: --preset's for --method)")
     m.add_argument("--method", choices=["supervised", "mocov2"], default="supervised")
     m.add_argument("--preset", choices=sorted({k[0] for k in PRESETS}), default="demo")
     m.add_argument("--arch", choices=RESNETS, help="the ResNet to train")
@@ -125,7 +125,7 @@ def get_args_parser():
                     help="one process: BN groups of the shuffled key batch (shuffle-BN stand-in)")
     mo.add_argument("--knn-k", type=int, default=20)
 
-    o = p.add_argument_group("optimisation (unset values come from --preset)")
+    o = p.add_argument_group("optimisation (defaults: --preset's for --method)")
     o.add_argument("--epochs", type=int)
     o.add_argument("--batch-size", type=int, help="images per process per step")
     o.add_argument("--optimizer", choices=["sgd", "adamw"])
@@ -137,13 +137,6 @@ def get_args_parser():
     r = add_run_arguments(p, "outputs/image")
     r.add_argument("--eval-every", type=int, help="evaluate every N epochs (and always after the last)")
     return p
-
-
-def apply_preset(args):
-    for key, value in PRESETS[(args.preset, args.method)].items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    return args
 
 
 def resolve_data(args, main_proc):
@@ -183,43 +176,35 @@ def build_datasets(args, log):
 
 
 def build_model(args, num_classes, log):
-    """A torchvision ResNet classifier, or MoCo v2 around one; ``--init`` weights loaded into the ResNet."""
+    """A ResNet classifier, or MoCo v2 around one; ``--init`` weights loaded into the ResNet.
+    Both return their loss dict (``model(*batch)``) and carry a ``weight_dict``."""
     resnet = getattr(torchvision.models, args.arch)(weights=None, num_classes=max(num_classes, 1))
     if args.init:
         load_backbone_weights(resnet, args.init, log=log)
     if args.method == "supervised":
-        return resnet
+        return ImageClassifier(resnet)
     feature_dim = resnet.fc.in_features
     resnet.fc = torch.nn.Identity()
     return MoCo(resnet, feature_dim, dim=args.moco_dim, queue_size=args.queue_size, momentum=args.moco_momentum,
                 temperature=args.temperature, shuffle_splits=args.shuffle_splits)
 
 
-def backbone_state(model, method):
-    """The ResNet's weights in torchvision names, without the classifier: what --init reads."""
-    if method == "supervised":
-        return {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
-    return model.backbone_state_dict()
+class ModelBatches:
+    """An epoch's batches as the model's inputs: ``(images, labels)`` for the
+    classifier, ``(im_q, im_k)`` for MoCo; counts the unreadable images the
+    collate dropped into ``unreadable`` (a tensor, summed over processes later)."""
 
+    def __init__(self, loader, method, unreadable):
+        self.loader, self.method, self.unreadable = loader, method, unreadable
+        self.start = loader.start
 
-def supervised_step(model, batch, device):
-    images, labels, _ = batch
-    images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-    logits = model(images)
-    loss = F.cross_entropy(logits, labels)
-    return {"loss_ce": loss, "acc_top1": (logits.argmax(1) == labels).float().mean()}, []
+    def __len__(self):
+        return len(self.loader)
 
-
-def moco_step(model, batch, device):
-    (im_q, im_k), _, _ = batch
-    return model(im_q.to(device, non_blocking=True), im_k.to(device, non_blocking=True)), []
-
-
-def counting_skips(batches, counter):
-    """Pass ``batches`` through, adding up the unreadable images the collate dropped."""
-    for batch in batches:
-        counter += batch[2]
-        yield batch
+    def __iter__(self):
+        for images, labels, skipped in self.loader:
+            self.unreadable += skipped
+            yield (images, labels) if self.method == "supervised" else tuple(images)
 
 
 def eval_loader(dataset, args, shard=(0, 1)):
@@ -236,7 +221,7 @@ def evaluate_top1(model, dataset, args, device):
     hits, scored = torch.zeros((), device=device), torch.zeros((), device=device)
     for images, labels, _ in eval_loader(dataset, args, (dist_utils.get_rank(), dist_utils.get_world_size())):
         if len(images):
-            hits += (model(images.to(device)).argmax(1) == labels.to(device)).sum()
+            hits += (model.net(images.to(device)).argmax(1) == labels.to(device)).sum()
             scored += len(labels)
     total = dist_utils.reduce_dict({"hits": hits, "scored": scored}, average=False)
     return (total["hits"] / total["scored"].clamp(min=1)).item()
@@ -252,123 +237,91 @@ def evaluate_knn(model, bank, val, args, device):
     return knn_top1(bank_features, bank_labels, val_features, val_labels, k=args.knn_k)
 
 
+def evaluate(model, val, bank, args, device, epoch, log):
+    """Top-1 (supervised) or k-NN top-1 (MoCo v2) on ``--val``; None without a val set."""
+    if val is None:
+        return None
+    t0 = time.time()
+    if args.method == "supervised":
+        result = {"top1": evaluate_top1(model, val, args, device)}
+    else:  # on the main process only (a few forward passes), the others wait
+        knn = evaluate_knn(model, bank, val, args, device) if dist_utils.is_main_process() else None
+        result = {"knn_top1": dist_utils.all_gather_object(knn)[0]}
+    log(json.dumps({"epoch": epoch + 1, **{k: round(v, 4) for k, v in result.items()},
+                    "eval_time": round(time.time() - t0, 1)}))
+    return result
+
+
+def build_optimizer(model, args, base_lr):
+    """SGD or AdamW, with no weight decay on batch-norm parameters and biases."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=base_lr, momentum=args.momentum)
+    return torch.optim.AdamW(groups, lr=base_lr)
+
+
 def main(args):
-    apply_preset(args)
     device, rank, world, log = start_run(args)
     main_proc = dist_utils.is_main_process()
-
     resolve_data(args, main_proc)
     train, val, bank = build_datasets(args, log)
-    model = build_model(args, len(train.classes), log).to(device)
-    model_without_ddp = model
-    if world > 1:
-        # MoCo's queue is a buffer, identical on every rank already: no need to broadcast it every step.
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                          else None, broadcast_buffers=args.method == "supervised")
+    model_without_ddp = build_model(args, len(train.classes), log).to(device)
+    # MoCo's queue is a buffer, identical on every rank already: no need to broadcast it every step.
+    model = dist_utils.wrap_ddp(model_without_ddp, device, broadcast_buffers=args.method == "supervised")
 
     batches = EpochBatches(train, args.batch_size, args.workers, rank, world, args.seed, shuffle=True,
-                           collate_fn=collate_skipping, drop_last=True)
+                           collate_fn=collate_skipping, drop_last=True, max_iters=args.max_iters)
     if len(batches) == 0:
         raise ValueError(f"{len(train)} training images make no full batch of {args.batch_size} per process "
                          f"on {world} process(es); lower --batch-size")
-    iters_per_epoch = len(batches) if args.max_iters is None else min(len(batches), args.max_iters)
-    total_iters = args.epochs * iters_per_epoch
-    warmup_iters = int(args.warmup_epochs * iters_per_epoch)
+    iters_per_epoch = len(batches)
+    total_iters, warmup_iters = args.epochs * iters_per_epoch, int(args.warmup_epochs * iters_per_epoch)
     total_batch = args.batch_size * world
     base_lr = args.lr * total_batch / 256
-    # No weight decay on BN parameters and biases.
-    decay = [p for p in model_without_ddp.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model_without_ddp.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if args.optimizer == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=base_lr, momentum=args.momentum)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=base_lr)
+    optimizer = build_optimizer(model_without_ddp, args, base_lr)
     scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None
 
-    start_epoch, start_iter, history = 0, 0, []
-    resume = latest_checkpoint(args.output_dir) if args.resume == "auto" else args.resume
-    if args.resume == "auto" and resume is None:
-        log(f"--resume: no checkpoint in {args.output_dir}; starting fresh")
-    if resume:
-        ckpt = load_checkpoint(resume)
-        if ckpt.get("stage") != "image" or ckpt.get("method") != args.method:
-            raise CheckpointError(f"{resume} is not a train_image.py --method {args.method} checkpoint "
-                                  f"(stage {ckpt.get('stage')!r}, method {ckpt.get('method')!r})")
-        model_without_ddp.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, start_iter, history = ckpt["epoch"], ckpt.get("iteration", 0), ckpt.get("history", [])
-        log(f"resumed from {resume}: epoch {start_epoch}, iteration {start_iter}")
+    def lr_fn(step):
+        return cosine_lr(step, base_lr, total_iters, warmup_iters)
 
-    def save(epoch, iteration):
-        if main_proc:
-            save_checkpoint({"backbone": backbone_state(model_without_ddp, args.method),
-                             "model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scaler": scaler.state_dict() if scaler is not None else {},
-                             "epoch": epoch, "iteration": iteration, "args": args_to_dict(args),
-                             "stage": "image", "method": args.method, "arch": args.arch,
-                             "classes": train.classes, "history": history},
-                            os.path.join(args.output_dir, "checkpoint.pth"))
+    history = []
+    checkpoint = RunCheckpoint(args.output_dir, model_without_ddp, optimizer, scaler, args, "image",
+                               every=args.checkpoint_every, expect={"method": args.method}, method=args.method,
+                               arch=args.arch, classes=train.classes, history=history)
+    resumed = checkpoint.resume(args.resume, log)
+    start_epoch, start_iter = resumed.get("epoch", 0), resumed.get("iteration", 0)
+    history.extend(resumed.get("history", []))
 
-    def run_eval(epoch):
-        if val is None:
-            return
-        t0 = time.time()
-        if args.method == "supervised":
-            result = {"top1": evaluate_top1(model_without_ddp, val, args, device)}
-        else:  # on the main process only (a few forward passes), the others wait
-            knn = evaluate_knn(model_without_ddp, bank, val, args, device) if main_proc else None
-            result = {"knn_top1": dist_utils.all_gather_object(knn)[0]}
-        history.append({"epoch": epoch + 1, **result})
-        log(json.dumps({"epoch": epoch + 1, **{k: round(v, 4) for k, v in result.items()},
-                        "eval_time": round(time.time() - t0, 1)}))
-        if main_proc:
-            with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
-                json.dump(history, f, indent=1)
-
-    step_fn = supervised_step if args.method == "supervised" else moco_step
-    log_file = open(os.path.join(args.output_dir, "log.jsonl"), "a") if main_proc else None
+    log_file = JsonLog(os.path.join(args.output_dir, "log.jsonl"), args.print_freq)
     log(f"{args.method} pre-training of {args.arch} on {len(train)} images, {world} process(es), batch "
         f"{total_batch}, {args.optimizer} lr {base_lr:g}, {args.epochs} epochs of {iters_per_epoch} iterations")
     for epoch in range(start_epoch, args.epochs):
         t0 = time.time()
-
-        def on_iteration(it, epoch=epoch):
-            if args.method == "mocov2":
-                model_without_ddp.momentum_update(epoch * iters_per_epoch + it + 1)
-            if args.checkpoint_every and (it + 1) % args.checkpoint_every == 0 and it + 1 < iters_per_epoch:
-                save(epoch, it + 1)
-
-        try:
-            unreadable = torch.zeros((), device=device)
-            means = train_one_epoch(model, optimizer, counting_skips(batches.loader(epoch, start_iter), unreadable),
-                                    device, epoch,
-                                    lambda it: cosine_lr(it, base_lr, total_iters, warmup_iters),
-                                    start_iter=start_iter, iters_per_epoch=iters_per_epoch, amp=args.amp,
-                                    scaler=scaler, log_file=log_file, print_freq=args.print_freq,
-                                    on_iteration=on_iteration, max_iters=args.max_iters, step_fn=step_fn)
-        except NonFiniteLossError as e:
-            raise NonFiniteLossError(f"{e} Last checkpoint: {os.path.join(args.output_dir, 'checkpoint.pth')}") \
-                from None
+        unreadable = torch.zeros((), device=device)
+        epoch_batches = ModelBatches(batches.loader(epoch, start_iter), args.method, unreadable)
+        means = train_one_epoch(model, optimizer, epoch_batches, device, epoch, lr_fn, scaler, args.amp, log_file,
+                                checkpoint)
         start_iter = 0
-        unreadable = int(dist_utils.reduce_dict({"n": unreadable}, average=False)["n"].item())
+        unreadable = int(dist_utils.reduce_dict({"n": epoch_batches.unreadable}, average=False)["n"].item())
         if unreadable:
             means["skipped_unreadable_images"] = unreadable
             log(f"epoch {epoch}: {unreadable} unreadable images skipped (named above)")
-        if main_proc:
-            log_file.write(json.dumps({"epoch": epoch, "epoch_time": round(time.time() - t0, 1),
-                                       **{f"train_{k}": v for k, v in means.items()}}) + "\n")
-            log_file.flush()
-            log(json.dumps({"epoch": epoch, **{k: round(v, 4) for k, v in means.items()}}))
+        log_file.write({"epoch": epoch, "epoch_time": round(time.time() - t0, 1),
+                        **{f"train_{k}": v for k, v in means.items()}})
+        log(json.dumps({"epoch": epoch, **{k: round(v, 4) for k, v in means.items()}}))
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-            run_eval(epoch)
-        save(epoch + 1, 0)
-    if main_proc:
-        log_file.close()
-        path = os.path.join(args.output_dir, "checkpoint.pth")
-        print(f"backbone saved in {path}; next: python train_box.py --init {path}")
+            result = evaluate(model_without_ddp, val, bank, args, device, epoch, log)
+            if result is not None:
+                history.append({"epoch": epoch + 1, **result})
+                if main_proc:
+                    with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
+                        json.dump(history, f, indent=1)
+        checkpoint.save(epoch + 1)
+    log_file.close()
+    path = os.path.join(args.output_dir, "checkpoint.pth")
+    log(f"backbone saved in {path}; next: python train_box.py --init {path}")
     dist_utils.cleanup()
 
 

@@ -86,6 +86,15 @@ def reduce_dict(d, average=True):
     return dict(zip(keys, values))
 
 
+def wrap_ddp(model, device, **kwargs):
+    """``model`` in DistributedDataParallel when there are several processes
+    (``device_ids`` set on CUDA), ``model`` itself otherwise; ``kwargs`` go to DDP."""
+    if get_world_size() == 1:
+        return model
+    device_ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, **kwargs)
+
+
 def cleanup():
     """Leave the process group (a no-op in one process).
 

@@ -12,22 +12,6 @@ from tqdm import tqdm
 from aligndet.distributed import init_distributed, is_main_process, reduce_dict
 
 
-def add_run_arguments(parser, output_dir):
-    """The "run" options every script shares (``start_run`` reads them); returns the
-    group so a script can add its own (evaluation, ...)."""
-    r = parser.add_argument_group("run")
-    r.add_argument("--output-dir", default=output_dir)
-    r.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue from --output-dir's checkpoint (or the given file)")
-    r.add_argument("--checkpoint-every", type=int, default=0, help="also save every N iterations (0: per epoch)")
-    r.add_argument("--max-iters", type=int, default=None, help="cap iterations per epoch (smoke tests)")
-    r.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    r.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="mixed precision (CUDA only)")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--print-freq", type=int, default=20, help="log every N iterations")
-    return r
-
-
 def start_run(args):
     """The set-up every script shares: join the process group under torchrun,
     seed per rank, create ``args.output_dir``, turn ``args.amp`` off without CUDA.
@@ -81,34 +65,46 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
-def to_device(images, targets, device):
-    images = [im.to(device, non_blocking=True) for im in images]
-    targets = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
-               for t in targets]
-    return images, targets
+def to_device(batch, device):
+    """``batch`` with every tensor inside it (nested lists, tuples, dicts) moved to ``device``."""
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
 
 
 class EpochBatches:
-    """This process's batches for one epoch, resumable mid-epoch.
+    """This process's batches, one epoch at a time, resumable mid-epoch.
 
     The order is a DistributedSampler's (seeded by seed and epoch, so it is
-    the same after a restart); `start` skips the batches already trained
-    without loading their images. A dataset with ``set_epoch`` (the two-view
-    dataset, whose random views depend on the epoch) is told the epoch.
+    the same after a restart). ``len()`` is the number of iterations of an
+    epoch: ``max_iters`` caps it (smoke tests), in this one place. A dataset
+    with ``set_epoch`` (the two-view dataset, whose random views depend on the
+    epoch) is told the epoch. Each batch is what ``collate_fn`` returns: the
+    positional inputs of the model (``model(*batch)``).
     """
 
-    def __init__(self, dataset, batch_size, workers, rank, world_size, seed, shuffle, collate_fn, drop_last=False):
+    def __init__(self, dataset, batch_size, workers, rank, world_size, seed, shuffle, collate_fn, drop_last=False,
+                 max_iters=None):
         self.dataset, self.batch_size, self.workers = dataset, batch_size, workers
-        self.collate_fn, self.drop_last = collate_fn, drop_last
+        self.collate_fn, self.drop_last, self.max_iters = collate_fn, drop_last, max_iters
         self.sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank,
                                                            shuffle=shuffle, seed=seed, drop_last=False)
 
     def __len__(self):
         if self.drop_last:  # only full batches (batch norm cannot train on one image)
-            return len(self.sampler) // self.batch_size
-        return -(-len(self.sampler) // self.batch_size)
+            full = len(self.sampler) // self.batch_size
+        else:
+            full = -(-len(self.sampler) // self.batch_size)
+        return full if self.max_iters is None else min(full, self.max_iters)
 
     def loader(self, epoch=0, start=0):
+        """The batches of ``epoch`` from batch ``start`` on: an iterable with ``len()``
+        (iterations of the whole epoch) and ``start``; ``start`` skips trained
+        batches without loading their images."""
         self.sampler.set_epoch(epoch)
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
@@ -116,58 +112,85 @@ class EpochBatches:
         batches = [indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
         if self.drop_last and batches and len(batches[-1]) < self.batch_size:
             batches.pop()
-        return torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, num_workers=self.workers,
-                                           collate_fn=self.collate_fn, persistent_workers=False)
+        batches = batches[:max(len(self) - start, 0)]
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, num_workers=self.workers,
+                                             collate_fn=self.collate_fn, persistent_workers=False)
+        return EpochLoader(loader, start, len(self))
 
 
-def detection_step(model, batch, device):
-    """A supervised step on ``(images, targets)``: (loss dict, image ids)."""
-    images, targets = to_device(*batch, device)
-    return model(images, targets), [t.get("image_id") for t in targets]
+class EpochLoader:
+    """An iterable of batches that knows where in its epoch it starts (``start``)
+    and how many iterations the whole epoch has (``len()``)."""
+
+    def __init__(self, batches, start, length):
+        self.batches, self.start, self.length = batches, start, length
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return self.length
 
 
-def train_one_epoch(model, optimizer, batches, device, epoch: int, lr_at, start_iter: int = 0,
-                    iters_per_epoch: int = None, amp: str = "none", scaler=None, weight_dict=None,
-                    log_file=None, print_freq: int = 20, on_iteration=None, max_iters: int = None,
-                    step_fn=detection_step):
-    """One pass over `batches`.
+class JsonLog:
+    """``log.jsonl`` of a run: one JSON object per line, written by the main process
+    only; ``train_one_epoch`` writes every ``every``-th iteration and the last."""
 
-    step_fn(model, batch, device) -> (dict, image ids) runs the model on one
-    batch: ``detection_step`` for (images, targets) batches, or
-    ``aligndet.pretrain.box.box_domain_step``. Entries named ``loss*`` are
-    summed (scaled by weight_dict, default 1) and optimised; the others are
-    only logged. A batch whose first element is empty (every image unreadable)
-    is skipped. lr_at(global_iteration) sets the learning rate before every
-    step; on_iteration(iteration) runs after every step (momentum updates,
-    periodic checkpoints). Returns the epoch's mean of every logged value.
-    """
+    def __init__(self, path, every=20):
+        self.every = every
+        self.file = open(path, "a") if is_main_process() else None
+
+    def write(self, record):
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+
+
+def _image_ids(batch):
+    """The ``image_id``s of a batch whose last element is per-image dicts (targets, view metas)."""
+    last = batch[-1] if isinstance(batch, (list, tuple)) and batch else None
+    if isinstance(last, (list, tuple)) and all(isinstance(t, dict) for t in last):
+        return [t.get("image_id") for t in last]
+    return []
+
+
+def train_one_epoch(model, optimizer, batches, device, epoch, lr_fn, scaler=None, amp="none", log=None,
+                    checkpoint=None):
+    """One pass over ``batches`` (an ``EpochBatches.loader``): ``model(*batch)`` returns a
+    dict; its ``loss*`` terms, scaled by the model's ``weight_dict``, are optimised and
+    every entry is logged. ``lr_fn(global_iteration)`` sets the learning rate before a
+    step; the model's ``after_step(step)`` (momentum updates) runs after each optimiser
+    step and may return values to log. ``checkpoint`` (a ``RunCheckpoint``) saves every
+    ``checkpoint.every`` iterations, and the last finite weights if a loss is not
+    finite. A batch with no image is skipped. Returns the epoch's mean of every value."""
     model.train()
-    weight_dict = weight_dict or {}
-    sums, count, skipped = {}, 0, 0
-    bar = tqdm(batches, total=iters_per_epoch, initial=start_iter, desc=f"epoch {epoch}",
-               disable=not is_main_process(), dynamic_ncols=True, file=sys.stdout)
-    start = time.time()
-    for iteration, batch in enumerate(bar, start=start_iter):
-        if max_iters is not None and iteration >= max_iters:
-            break
+    core = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    iters = len(batches)
+    sums, count, skipped, start = {}, 0, 0, time.time()
+    bar = tqdm(batches, total=iters, initial=batches.start, desc=f"epoch {epoch}", disable=not is_main_process(),
+               dynamic_ncols=True, file=sys.stdout)
+    for iteration, batch in enumerate(bar, start=batches.start):
         if len(batch[0]) == 0:  # every image of the batch was unreadable
             skipped += 1
             continue
-        global_iter = epoch * iters_per_epoch + iteration
-        lr = lr_at(global_iter)
+        step = epoch * iters + iteration
+        lr = lr_fn(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
         with autocast(device, amp):
-            outputs, image_ids = step_fn(model, batch, device)
-        losses = {k: v for k, v in outputs.items() if k.startswith("loss")}
-        loss = sum(losses[k] * weight_dict.get(k, 1.0) for k in losses)
-        logged = reduce_dict({k: v.detach().float() for k, v in outputs.items()})
-        total = sum(logged[k] for k in losses).item()
+            outputs = model(*to_device(batch, device))
+        loss, total, logged = weighted_loss(outputs, core.weight_dict)
         if not math.isfinite(total):
+            saved = checkpoint.save(epoch, iteration, "checkpoint_before_nonfinite.pth") if checkpoint else None
             raise NonFiniteLossError(
-                f"loss is {total} at epoch {epoch}, iteration {iteration} (images {image_ids}): "
+                f"loss is {total} at epoch {epoch}, iteration {iteration} (images {_image_ids(batch)}): "
                 + ", ".join(f"{k}={v.item():.4g}" for k, v in logged.items())
-                + ". Try a lower --lr or longer --warmup-iters.", epoch, iteration)
+                + ". Try a lower --lr or longer --warmup-iters." + (f" Weights before this step: {saved}" if saved
+                                                                    else ""), epoch, iteration)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -176,23 +199,35 @@ def train_one_epoch(model, optimizer, batches, device, epoch: int, lr_at, start_
         else:
             loss.backward()
             optimizer.step()
-        record = {"loss": total, **{k: v.item() for k, v in logged.items()}, "lr": lr}
+        after = core.after_step(step + 1) if hasattr(core, "after_step") else None
+        record = {"loss": total, **{k: v.item() for k, v in logged.items()}, "lr": lr, **(after or {})}
         for k, v in record.items():
             sums[k] = sums.get(k, 0.0) + v
         count += 1
-        if is_main_process():
-            bar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.2e}")
-            if log_file is not None and (iteration % print_freq == 0 or iteration == iters_per_epoch - 1):
-                line = {"epoch": epoch, "iter": iteration, **record, "time": round(time.time() - start, 2)}
-                log_file.write(json.dumps(line) + "\n")
-                log_file.flush()
-        if on_iteration is not None:
-            on_iteration(iteration)
+        bar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.2e}")
+        if log is not None and (iteration % log.every == 0 or iteration == iters - 1):
+            log.write({"epoch": epoch, "iter": iteration, **record, "time": round(time.time() - start, 2)})
+        if checkpoint is not None and checkpoint.every and (iteration + 1) % checkpoint.every == 0 \
+                and iteration + 1 < iters:
+            checkpoint.save(epoch, iteration + 1)
     bar.close()
     means = {k: v / max(count, 1) for k, v in sums.items()}
     if skipped:
         means["skipped_batches"] = skipped
     return means
+
+
+def weighted_loss(outputs, weight_dict):
+    """(the loss to optimise, its value averaged over processes, every output averaged over
+    processes and detached). Every ``loss*`` term must have a weight in ``weight_dict``."""
+    missing = [k for k in outputs if k.startswith("loss") and k not in weight_dict]
+    if missing:
+        raise KeyError(f"loss terms without a weight in the model's weight_dict: {', '.join(missing)}")
+    terms = [k for k in outputs if k.startswith("loss")]
+    loss = sum(outputs[k] * weight_dict[k] for k in terms)
+    logged = reduce_dict({k: v.detach().float() for k, v in outputs.items()})
+    total = sum(logged[k] * weight_dict[k] for k in terms).item()
+    return loss, total, logged
 
 
 @torch.no_grad()
@@ -204,7 +239,7 @@ def evaluate(model, batches, evaluator, device, amp: str = "none", total=None, v
                                 dynamic_ncols=True, file=sys.stdout):
         if not images:
             continue
-        images, _ = to_device(images, [], device)
+        images = to_device(images, device)
         with autocast(device, amp):
             outputs = model(images)
         outputs = [{k: v.float().cpu() if k != "labels" else v.cpu() for k, v in o.items()} for o in outputs]

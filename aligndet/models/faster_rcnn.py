@@ -9,9 +9,8 @@ images: list of float [3, H, W] tensors in [0, 1]; targets: list of
 Detections are in the input images' pixel coordinates.
 """
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import MultiScaleRoIAlign, box_iou
+from torchvision.ops import MultiScaleRoIAlign
 
 from .anchors import AnchorGenerator
 from .backbone import BackboneWithFPN, build_backbone
@@ -26,13 +25,10 @@ class FasterRCNN(nn.Module):
     num_classes counts object classes only; label 0 is background.
     """
 
-    # Final layers that fine-tuning re-initialises after pre-training (DESIGN 3.8).
+    # Final layers that fine-tuning re-initialises after pre-training (docs/method.md §3.8).
     OUTPUT_LAYERS = ("roi_heads.box_predictor.",)
-    # The classifier that box-domain pre-training replaces by the embedding MLP (DESIGN 3.4).
-    CLASSIFIER_LAYERS = ("roi_heads.box_predictor.cls_score.",)
-    # Box-domain pre-training: positive RoIs kept per image (official: 4096).
-    PRETRAIN_SAMPLES = 4096
-    PRETRAIN_MAX_PROPOSALS = None  # all proposals of an image
+    # How a training loop combines the loss terms forward() returns.
+    weight_dict = {"loss_objectness": 1.0, "loss_rpn_box_reg": 1.0, "loss_classifier": 1.0, "loss_box_reg": 1.0}
 
     def __init__(self, backbone: BackboneWithFPN, transform: DetectionTransform, rpn: RegionProposalNetwork,
                  roi_heads: RoIHeads, num_classes: int):
@@ -54,57 +50,6 @@ class FasterRCNN(nn.Module):
         if self.training:
             return {**rpn_losses, **roi_losses}
         return self.transform.postprocess(detections, image_sizes, original_sizes)
-
-
-    # ------------------------------------------------------------ box-domain pre-training (AlignDet)
-
-    def embedding_head(self, dim: int = 256) -> nn.Module:
-        """Projection MLP on the RoI box-head feature, in place of the classifier:
-        [R, hidden] -> Linear -> ReLU -> Linear -> [R, dim]."""
-        hidden = self.roi_heads.box_predictor.cls_score.in_features
-        return nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim))
-
-    def box_domain_forward(self, body_features, image_sizes, padded_size, proposals, embedding_head,
-                           num_samples=None):
-        """The AlignDet hook (DESIGN.md section 3, Faster R-CNN row).
-
-        Args:
-            body_features: the frozen backbone's outputs for the padded batch.
-            image_sizes: (h, w) of each image in the batch; padded_size: (H, W).
-            proposals: per image {"boxes": [P_i, 4] xyxy pixels, "ids": [P_i] int64}.
-            embedding_head: from ``embedding_head()``.
-            num_samples: positive RoIs kept per image (default ``PRETRAIN_SAMPLES``).
-
-        The RPN trains class-agnostically on the proposals. The RoIs are the RPN's
-        proposals plus the selective-search proposals themselves; a RoI takes the
-        id of the proposal it overlaps most if that IoU is >= 0.5 and is dropped
-        otherwise (no background). Returns {"embeddings" [R, D], "ids" [R],
-        "losses": RPN losses + "loss_box_reg", class-agnostic L1 on the deltas}.
-        """
-        num_samples = num_samples or self.PRETRAIN_SAMPLES
-        features = self.backbone.fpn(body_features)
-        targets = [{"boxes": p["boxes"]} for p in proposals]
-        rpn_boxes, losses = self.rpn(image_sizes, padded_size, list(features.values()), targets)
-        rois, ids, matched = [], [], []
-        for boxes_i, p in zip(rpn_boxes, proposals):
-            candidates = torch.cat([boxes_i, p["boxes"].to(boxes_i.dtype)])  # [R_i, 4]
-            if p["boxes"].numel() == 0:
-                keep = torch.zeros(0, dtype=torch.int64, device=candidates.device)
-                best = keep
-            else:
-                best_iou, best = box_iou(p["boxes"], candidates).max(dim=0)  # [R_i]
-                keep = torch.nonzero(best_iou >= 0.5).squeeze(1)
-                keep = keep[torch.randperm(keep.numel(), device=keep.device)[:num_samples]]
-            rois.append(candidates[keep])
-            ids.append(p["ids"][best[keep]])
-            matched.append(p["boxes"][best[keep]])
-        box_features = self.roi_heads.box_features(features, rois, image_sizes)  # [R, hidden]
-        embeddings = embedding_head(box_features)                                # [R, D]
-        deltas = self.roi_heads.box_predictor.bbox_pred(box_features)
-        deltas = deltas.reshape(deltas.shape[0], deltas.shape[1] // 4, 4)[:, 1]  # class-agnostic: first object slot
-        target_deltas = self.roi_heads.box_coder.encode(torch.cat(matched), torch.cat(rois))
-        losses["loss_box_reg"] = F.l1_loss(deltas, target_deltas, reduction="sum") / max(deltas.shape[0], 1)
-        return {"embeddings": embeddings, "ids": torch.cat(ids), "losses": losses}
 
 
 def build_faster_rcnn(num_classes: int, backbone: str = "resnet50", *, backbone_weights=None,

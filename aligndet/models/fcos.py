@@ -21,7 +21,8 @@ the decoded boxes of positive points, and binary cross-entropy of the
 centerness logit against sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b)).
 Detection score: sqrt(sigmoid(class logit) * sigmoid(centerness logit)).
 
-AlignDet (DESIGN.md section 3, FCOS row): the same rule assigns every point to
+AlignDet (docs/method.md §4, FCOS row; ``aligndet/pretrain/hooks.py``, not
+needed for supervised use): the same rule assigns every point to
 a selective-search proposal; the point's embedding (a conv MLP on the
 classification tower, in place of ``cls_logits``) takes the proposal's id;
 2048 points per batch, positives first, feed the contrastive loss, and the
@@ -107,9 +108,8 @@ class FCOS(OneStageDetector):
 
     OUTPUT_LAYERS = ("head.classification_head.cls_logits.", "head.regression_head.bbox_reg.",
                      "head.regression_head.bbox_ctrness.")
-    PRETRAIN_SAMPLES = 2048
-    PRETRAIN_SAMPLES_PER_IMAGE = False  # official: 2048 points per batch
-    PRETRAIN_MAX_PROPOSALS = None
+    # How a training loop combines the loss terms forward() returns.
+    weight_dict = {"loss_classifier": 1.0, "loss_box_reg": 1.0, "loss_centerness": 1.0}
 
     def __init__(self, backbone: BackboneWithFPN, transform: DetectionTransform, anchor_generator: AnchorGenerator,
                  head: FCOSHead, num_classes: int, center_sampling_radius: float = 1.5, scale_ranges=None,

@@ -6,12 +6,9 @@ class score and a box at every anchor (or point) of every pyramid level.
         eval:  postprocess: per level score > thresh, top-k, decode; then class-wise NMS
 
 A subclass provides ``match``, ``compute_loss``, ``regression_losses``,
-``class_scores`` and a ``box_coder``; ``OneStageDetector`` runs the rest,
-including the AlignDet box-domain hook, which is the same for both: the
-classification output layer is replaced by an embedding MLP on the
-classification tower, the detector's own matcher assigns every anchor / point
-to a proposal, and the detector's own regression losses train the regression
-branch (DESIGN.md section 3).
+``class_scores`` and a ``box_coder``; ``OneStageDetector`` runs the rest.
+AlignDet pre-training reuses ``match`` and ``regression_losses`` from outside
+(``aligndet/pretrain/hooks.py``, docs/method.md §4); nothing here depends on it.
 
 Prediction layout, everywhere: ``[B, T, C]`` with ``T = sum_l H_l * W_l * A``,
 levels in order, locations row-major (y, then x) and the A anchors of a
@@ -95,14 +92,8 @@ class OneStageDetector(nn.Module):
         nms_thresh, detections_per_img: class-wise NMS, then the best N.
     """
 
-    # Box-domain pre-training (DESIGN.md section 3): predictions kept for the
-    # contrastive loss, positives first, per image or per batch; and the
-    # proposals kept per image (None: all).
-    PRETRAIN_SAMPLES = 2048
-    PRETRAIN_SAMPLES_PER_IMAGE = True
-    PRETRAIN_MAX_PROPOSALS = None
-    OUTPUT_LAYERS = ()
-    CLASSIFIER_LAYERS = ("head.classification_head.cls_logits.",)
+    OUTPUT_LAYERS = ()  # final layers re-initialised at fine-tuning (docs/method.md §3.8); set by subclasses
+    weight_dict = {}    # loss term -> weight in the training loop; set by subclasses
 
     def __init__(self, backbone: BackboneWithFPN, transform: DetectionTransform, anchor_generator: nn.Module,
                  head: nn.Module, num_classes: int, score_thresh: float, nms_thresh: float,
@@ -178,71 +169,3 @@ class OneStageDetector(nn.Module):
             keep = batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
             results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
         return results
-
-    # -------------------------------------------------------------- box-domain pre-training (AlignDet)
-
-    def embedding_head(self, dim: int = 256) -> nn.Module:
-        """The projection MLP that replaces the classifier: 1x1 convs on the
-        classification tower, one D-dim embedding per anchor / point:
-        [B, C, H, W] -> conv1x1 -> ReLU -> conv1x1 -> [B, A * D, H, W]."""
-        channels = self.backbone.out_channels
-        num_anchors = self.head.classification_head.num_anchors
-        return nn.Sequential(nn.Conv2d(channels, channels, 1), nn.ReLU(inplace=True),
-                             nn.Conv2d(channels, num_anchors * dim, 1))
-
-    def box_domain_forward(self, body_features, image_sizes, padded_size, proposals, embedding_head,
-                           num_samples=None):
-        """The AlignDet hook for a dense detector (DESIGN.md section 3, RetinaNet and FCOS rows).
-
-        Args:
-            body_features: the frozen backbone's outputs for the padded batch.
-            image_sizes: (h, w) of each image; padded_size: (H, W) of the batch.
-            proposals: per image {"boxes": [P_i, 4] xyxy pixels, "ids": [P_i] int64}.
-            embedding_head: from ``embedding_head()``.
-            num_samples: predictions kept for the contrastive loss, per image or
-                per batch (``PRETRAIN_SAMPLES_PER_IMAGE``); default ``PRETRAIN_SAMPLES``.
-
-        Every anchor / point is matched to the proposals with the detector's
-        own rule and takes its proposal's id (-1 background, ignored ones
-        dropped); ``num_samples`` are kept, positives first and background
-        filling the rest. Embeddings and ids are gathered with one flat index
-        over (image, prediction), so they stay aligned however many images the
-        batch holds. Returns {"embeddings" [S, D], "ids" [S], "losses": the
-        detector's regression losses to the matched proposals}.
-        """
-        num_samples = num_samples or self.PRETRAIN_SAMPLES
-        features = list(self.backbone.fpn(body_features).values())
-        anchors_per_level = self.anchor_generator(padded_size, features)
-        anchors = torch.cat(anchors_per_level)                                  # [T, 4]
-        level_sizes = [a.shape[0] for a in anchors_per_level]
-        num_anchors = self.head.classification_head.num_anchors
-        embeddings = torch.cat([flatten_predictions(embedding_head(self.head.classification_head.conv(x)), num_anchors)
-                                for x in features], 1)                           # [B, T, D]
-        outputs = self.head.regression_head(features)
-        matched = [self.match(anchors, p["boxes"], level_sizes) for p in proposals]
-        losses = self.regression_losses(outputs, anchors, matched, [p["boxes"] for p in proposals])
-
-        matched = torch.stack(matched)                                          # [B, T]
-        ids = torch.full_like(matched, -1)
-        for i, p in enumerate(proposals):
-            positive = matched[i] >= 0
-            ids[i, positive] = p["ids"][matched[i, positive]]
-        picks = sample_positives_first(matched, num_samples, self.PRETRAIN_SAMPLES_PER_IMAGE)  # flat over B * T
-        return {"embeddings": embeddings.flatten(0, 1)[picks], "ids": ids.flatten()[picks], "losses": losses}
-
-
-def sample_positives_first(matched: Tensor, num_samples: int, per_image: bool = True) -> Tensor:
-    """Indices into ``matched.flatten()`` ([B, T]: >= 0 positive, -1 background,
-    -2 ignored): up to ``num_samples`` positives in random order, then random
-    background to fill up to ``num_samples``; per image, or over the whole batch."""
-    groups = matched.unbind(0) if per_image else [matched.flatten()]
-    width = matched.shape[1] if per_image else 0
-    picks = []
-    for g, labels in enumerate(groups):
-        positive = torch.nonzero(labels >= 0).squeeze(1)
-        background = torch.nonzero(labels == -1).squeeze(1)
-        positive = positive[torch.randperm(positive.numel(), device=labels.device)[:num_samples]]
-        fill = num_samples - positive.numel()
-        background = background[torch.randperm(background.numel(), device=labels.device)[:fill]]
-        picks.append(torch.cat([positive, background]) + g * width)
-    return torch.cat(picks)

@@ -19,8 +19,8 @@ The classifier has one sigmoid output per class, K in all, and label k
 RetinaNet uses channel k for label k, so a torchvision model of ours has
 num_classes = K + 1 with a dead channel 0 (see aligndet/convert/retinanet.py).
 
-AlignDet box-domain pre-training (DESIGN.md section 3, RetinaNet row) runs
-``OneStageDetector.box_domain_forward``: the anchors are matched to the
+AlignDet box-domain pre-training (docs/method.md §4, RetinaNet row;
+``aligndet/pretrain/hooks.py``, not needed for supervised use): the anchors are matched to the
 selective-search proposals with the same IoU rule as above, each anchor takes
 its proposal's instance id (-1 background, ignored anchors dropped), 2048
 anchors per image are kept for the contrastive loss (positives first,
@@ -87,11 +87,8 @@ class RetinaNet(OneStageDetector):
 
     # Final layers that fine-tuning re-initialises after pre-training (DESIGN 3.8).
     OUTPUT_LAYERS = ("head.classification_head.cls_logits.", "head.regression_head.bbox_reg.")
-    # Box-domain pre-training (official): 2048 anchors per image, positives
-    # first; at most 50 proposals per image.
-    PRETRAIN_SAMPLES = 2048
-    PRETRAIN_SAMPLES_PER_IMAGE = True
-    PRETRAIN_MAX_PROPOSALS = 50
+    # How a training loop combines the loss terms forward() returns.
+    weight_dict = {"loss_classifier": 1.0, "loss_box_reg": 1.0}
 
     def __init__(self, backbone: BackboneWithFPN, transform: DetectionTransform, anchor_generator: AnchorGenerator,
                  head: RetinaNetHead, num_classes: int, matcher: IoUMatcher, box_loss: str = "l1",

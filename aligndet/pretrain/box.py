@@ -1,4 +1,4 @@
-"""Box-domain pre-training: the AlignDet wrapper (DESIGN.md section 3).
+"""Box-domain pre-training: the AlignDet wrapper (docs/method.md §3).
 
     view 1 --frozen backbone--> online detector f_q   --hook--> embeddings z1, ids, regression losses
     view 2 --frozen backbone--> momentum detector f_k --hook--> embeddings z2, ids   (no gradient)
@@ -6,19 +6,10 @@
 
 The stage-1 backbone runs once per view, in eval mode and without gradient;
 the online detector's neck and heads and its embedding MLP train; the momentum
-detector is an EMA of them (``momentum.py``).
-
-A detector plugs in by providing (see ``FasterRCNN`` and ``OneStageDetector``,
-the base of RetinaNet and FCOS):
-
-- ``transform(images, targets, resize=False)``: normalise and batch the views;
-- ``backbone.body``: the stage-1 backbone that stays frozen;
-- ``embedding_head(dim)``: the projection MLP that replaces its classifier;
-- ``box_domain_forward(body_features, image_sizes, padded_size, proposals,
-  embedding_head, num_samples)``: assign its own predictions to the proposals
-  with its native rule and return ``{"embeddings", "ids", "losses"}``;
-- ``CLASSIFIER_LAYERS``: name prefixes of the classifier the MLP replaces
-  (frozen here, re-initialised at fine-tuning).
+detector is an EMA of them (``momentum.py``), updated by ``after_step`` after
+every optimiser step. How each detector assigns its predictions to the
+proposals, and which layer its embedding MLP replaces, is its hook in
+``hooks.py`` (the table of docs/method.md §4).
 """
 import logging
 
@@ -26,6 +17,7 @@ import torch
 from torch import nn
 
 from .losses import box_contrastive_loss, box_contrastive_stats
+from .hooks import hook_for
 from .momentum import MomentumUpdater, make_momentum_copy
 
 logger = logging.getLogger(__name__)
@@ -43,17 +35,18 @@ class AlignDet(nn.Module):
         temperature: tau of the contrastive loss.
         base_momentum, total_steps: the EMA schedule (m0 -> 1 over total_steps).
         num_samples: predictions kept per image (or batch) by the hook; None = the
-            detector's official default.
+            detector's official number (``hooks.HOOKS``).
     """
 
     def __init__(self, detector, embed_dim=256, temperature=0.5, base_momentum=0.996, total_steps=1,
                  num_samples=None):
         super().__init__()
+        self.hook = hook_for(detector)
         self.online = detector
-        self.online_embed = detector.embedding_head(embed_dim)
+        self.online_embed = self.hook.embedding_head(detector, embed_dim)
         self.body.requires_grad_(False)
         for name, param in detector.named_parameters():
-            if name.startswith(tuple(detector.CLASSIFIER_LAYERS)):
+            if name.startswith(self.hook.classifier_layers):
                 param.requires_grad_(False)  # replaced by the embedding MLP
         # The momentum detector shares the frozen backbone instead of copying it.
         body, detector.backbone.body = detector.backbone.body, nn.Identity()
@@ -63,7 +56,8 @@ class AlignDet(nn.Module):
         self.updaters = [MomentumUpdater(detector, self.momentum, base_momentum, total_steps, skip=(BODY,)),
                          MomentumUpdater(self.online_embed, self.momentum_embed, base_momentum, total_steps)]
         self.temperature = temperature
-        self.num_samples = num_samples
+        self.num_samples = num_samples or self.hook.num_samples
+        self.weight_dict = {"loss_contrastive": 1.0, **detector.weight_dict}  # docs/method.md §3.7
 
     @property
     def body(self):
@@ -80,21 +74,23 @@ class AlignDet(nn.Module):
         batch, image_sizes, proposals = detector.transform(images, proposals, resize=False)
         with torch.no_grad():
             body_features = self.body(batch)
-        return detector.box_domain_forward(body_features, image_sizes, batch.shape[-2:], proposals, embed,
-                                           num_samples=self.num_samples)
+        return self.hook.forward(detector, body_features, image_sizes, batch.shape[-2:], proposals, embed,
+                                 self.num_samples)
 
-    def forward(self, views1, views2):
+    def forward(self, views1, views2, metas=None):
         """views: per image {"image" [3, H, W] in [0, 1], "boxes" [N, 4] xyxy, "ids" [N]}
-        (``two_view_collate``). Returns a dict: ``loss_*`` terms (weight 1 each),
-        plus ``contrastive_accuracy``, ``instances``, ``matched_instances`` and
-        ``queries`` for the log."""
+        (``two_view_collate``, whose ``metas`` name the images in warnings). Returns a
+        dict: ``loss_*`` terms (``weight_dict``), plus ``contrastive_accuracy``,
+        ``instances``, ``matched_instances`` and ``queries`` for the log."""
         q = self._branch(self.online, self.online_embed, views1)
         with torch.no_grad():
             k = self._branch(self.momentum, self.momentum_embed, views2)
         loss_con = box_contrastive_loss(q["embeddings"], q["ids"], k["embeddings"], k["ids"], self.temperature)
         stats = box_contrastive_stats(q["embeddings"], q["ids"], k["embeddings"], k["ids"], self.temperature)
         if stats["instances"] == 0:
-            logger.warning("no prediction matched a proposal in this batch: contrastive loss set to 0")
+            images = [m.get("image_id") for m in metas] if metas else "?"
+            logger.warning("no prediction matched a proposal in this batch (images %s): contrastive loss set to 0",
+                           images)
         device = loss_con.device
         return {"loss_contrastive": loss_con, **q["losses"],
                 "contrastive_accuracy": torch.tensor(stats["accuracy"], device=device),
@@ -106,14 +102,19 @@ class AlignDet(nn.Module):
         """theta_k <- m theta_k + (1 - m) theta_q after optimiser step ``step``; returns m."""
         return [u.update(step) for u in self.updaters][0]
 
+    def after_step(self, step):
+        """What the training loop runs after optimiser step ``step``: the EMA update (§3.2)."""
+        return {"ema_momentum": self.momentum_update(step)}
+
     def detector_state_dict(self):
         """The online detector's weights (backbone included): what fine-tuning loads."""
         return self.online.state_dict()
 
+    def checkpoint_weights(self):
+        """"model": the online detector (``finetune.py --init`` reads it); "pretrain": the rest."""
+        rest = {k: v for k, v in self.state_dict().items() if not k.startswith("online.")}
+        return {"model": self.detector_state_dict(), "pretrain": rest}
 
-def box_domain_step(model, batch, device):
-    """The training step ``engine.train_one_epoch`` runs for box-domain batches
-    ``(views1, views2, metas)``; returns (loss dict, image ids)."""
-    views1, views2, metas = batch
-    move = lambda views: [{k: v.to(device, non_blocking=True) for k, v in view.items()} for view in views]  # noqa: E731
-    return model(move(views1), move(views2)), [m["image_id"] for m in metas]
+    def load_checkpoint_weights(self, checkpoint):
+        self.load_state_dict({**{f"online.{k}": v for k, v in checkpoint["model"].items()},
+                              **checkpoint["pretrain"]})

@@ -1,0 +1,185 @@
+"""The box-domain hooks: how each detector takes part in AlignDet pre-training
+(docs/method.md §3.3-3.6 and the table in §4).
+
+A hook runs the trainable part of one detector (neck and heads) on the frozen
+backbone's features of one view, assigns every prediction to a
+selective-search proposal with the detector's *own* label-assignment rule,
+and returns
+
+    {"embeddings": [S, D], "ids": [S] int64 (-1 background), "losses": {name: scalar}}
+
+for the contrastive loss and the detector's own box losses. The hooks live
+here, not in the detectors, so that a detector copied out for supervised
+training carries no pre-training code; they only call what every detector
+already has for supervised training (its matcher, box coder, heads).
+
+| detector            | predictions          | rule (native)                      | kept for L_con           | embedding head          |
+|---------------------|----------------------|------------------------------------|--------------------------|-------------------------|
+| Faster R-CNN        | RPN RoIs + proposals | max IoU >= 0.5, no background      | 4096 positives per image | MLP on the box feature  |
+| RetinaNet           | anchors P3-P7        | ``RetinaNet.match`` (IoU 0.5 / 0.4)| 2048 per image           | 1x1 convs on cls tower  |
+| FCOS                | points P3-P7         | ``FCOS.match`` (the FCOS rule)     | 2048 per batch           | 1x1 convs on cls tower  |
+
+``AlignDet`` (``box.py``) finds a detector's hook with ``hook_for(detector)``.
+"""
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import box_iou
+
+from aligndet.models.faster_rcnn import FasterRCNN
+from aligndet.models.fcos import FCOS
+from aligndet.models.one_stage import flatten_predictions
+from aligndet.models.retinanet import RetinaNet
+
+
+# ---------------------------------------------------------------- Faster R-CNN
+
+def faster_rcnn_embedding_head(detector: FasterRCNN, dim: int = 256) -> nn.Module:
+    """Projection MLP on the RoI box-head feature, in place of the classifier:
+    [R, hidden] -> Linear -> ReLU -> Linear -> [R, dim]."""
+    hidden = detector.roi_heads.box_predictor.cls_score.in_features
+    return nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim))
+
+
+def faster_rcnn_box_domain(detector: FasterRCNN, body_features, image_sizes, padded_size, proposals,
+                           embedding_head: nn.Module, num_samples: int) -> dict:
+    """Faster R-CNN row of docs/method.md §4.
+
+    Args:
+        body_features: the frozen backbone's outputs for the padded batch.
+        image_sizes: (h, w) of each image in the batch; padded_size: (H, W).
+        proposals: per image {"boxes": [P_i, 4] xyxy pixels, "ids": [P_i] int64}.
+        num_samples: positive RoIs kept per image.
+
+    The RPN trains class-agnostically on the proposals. The RoIs are the RPN's
+    proposals plus the selective-search proposals themselves; a RoI takes the
+    id of the proposal it overlaps most if that IoU is >= 0.5 and is dropped
+    otherwise (no background). Losses: the RPN's, plus "loss_box_reg",
+    class-agnostic L1 on the deltas to the matched proposal.
+    """
+    features = detector.backbone.fpn(body_features)
+    targets = [{"boxes": p["boxes"]} for p in proposals]
+    rpn_boxes, losses = detector.rpn(image_sizes, padded_size, list(features.values()), targets)
+    rois, ids, matched = [], [], []
+    for boxes_i, p in zip(rpn_boxes, proposals):
+        candidates = torch.cat([boxes_i, p["boxes"].to(boxes_i.dtype)])  # [R_i, 4]
+        if p["boxes"].numel() == 0:
+            keep = torch.zeros(0, dtype=torch.int64, device=candidates.device)
+            best = keep
+        else:
+            best_iou, best = box_iou(p["boxes"], candidates).max(dim=0)  # [R_i]
+            keep = torch.nonzero(best_iou >= 0.5).squeeze(1)
+            keep = keep[torch.randperm(keep.numel(), device=keep.device)[:num_samples]]
+        rois.append(candidates[keep])
+        ids.append(p["ids"][best[keep]])
+        matched.append(p["boxes"][best[keep]])
+    roi_heads = detector.roi_heads
+    box_features = roi_heads.box_features(features, rois, image_sizes)  # [R, hidden]
+    embeddings = embedding_head(box_features)                           # [R, D]
+    deltas = roi_heads.box_predictor.bbox_pred(box_features)
+    deltas = deltas.reshape(deltas.shape[0], deltas.shape[1] // 4, 4)[:, 1]  # class-agnostic: first object slot
+    target_deltas = roi_heads.box_coder.encode(torch.cat(matched), torch.cat(rois))
+    losses["loss_box_reg"] = F.l1_loss(deltas, target_deltas, reduction="sum") / max(deltas.shape[0], 1)
+    return {"embeddings": embeddings, "ids": torch.cat(ids), "losses": losses}
+
+
+# ---------------------------------------------------------------- RetinaNet and FCOS
+
+def dense_embedding_head(detector, dim: int = 256) -> nn.Module:
+    """The projection MLP that replaces a dense detector's classifier: 1x1 convs
+    on the classification tower, one D-dim embedding per anchor / point:
+    [B, C, H, W] -> conv1x1 -> ReLU -> conv1x1 -> [B, A * D, H, W]."""
+    channels = detector.backbone.out_channels
+    num_anchors = detector.head.classification_head.num_anchors
+    return nn.Sequential(nn.Conv2d(channels, channels, 1), nn.ReLU(inplace=True),
+                         nn.Conv2d(channels, num_anchors * dim, 1))
+
+
+def dense_box_domain(detector, body_features, image_sizes, padded_size, proposals, embedding_head: nn.Module,
+                     num_samples: int, per_image: bool = True) -> dict:
+    """RetinaNet and FCOS rows of docs/method.md §4 (arguments as in ``faster_rcnn_box_domain``).
+
+    Every anchor / point is matched to the proposals with the detector's own
+    rule (``detector.match``) and takes its proposal's id (-1 background,
+    ignored ones dropped); ``num_samples`` are kept, per image or per batch,
+    positives first and background filling the rest. Embeddings and ids are
+    gathered with one flat index over (image, prediction), so they stay aligned
+    however many images the batch holds. Losses: the detector's own regression
+    losses (``detector.regression_losses``) towards the matched proposals.
+    """
+    features = list(detector.backbone.fpn(body_features).values())
+    anchors_per_level = detector.anchor_generator(padded_size, features)
+    anchors = torch.cat(anchors_per_level)                                  # [T, 4]
+    level_sizes = [a.shape[0] for a in anchors_per_level]
+    classification = detector.head.classification_head
+    embeddings = torch.cat([flatten_predictions(embedding_head(classification.conv(x)), classification.num_anchors)
+                            for x in features], 1)                           # [B, T, D]
+    outputs = detector.head.regression_head(features)
+    matched = [detector.match(anchors, p["boxes"], level_sizes) for p in proposals]
+    losses = detector.regression_losses(outputs, anchors, matched, [p["boxes"] for p in proposals])
+
+    matched = torch.stack(matched)                                          # [B, T]
+    ids = torch.full_like(matched, -1)
+    for i, p in enumerate(proposals):
+        positive = matched[i] >= 0
+        ids[i, positive] = p["ids"][matched[i, positive]]
+    picks = sample_positives_first(matched, num_samples, per_image)         # flat over B * T
+    return {"embeddings": embeddings.flatten(0, 1)[picks], "ids": ids.flatten()[picks], "losses": losses}
+
+
+def sample_positives_first(matched: Tensor, num_samples: int, per_image: bool = True) -> Tensor:
+    """Indices into ``matched.flatten()`` ([B, T]: >= 0 positive, -1 background,
+    -2 ignored): up to ``num_samples`` positives in random order, then random
+    background to fill up to ``num_samples``; per image, or over the whole batch."""
+    groups = matched.unbind(0) if per_image else [matched.flatten()]
+    width = matched.shape[1] if per_image else 0
+    picks = []
+    for g, labels in enumerate(groups):
+        positive = torch.nonzero(labels >= 0).squeeze(1)
+        background = torch.nonzero(labels == -1).squeeze(1)
+        positive = positive[torch.randperm(positive.numel(), device=labels.device)[:num_samples]]
+        fill = num_samples - positive.numel()
+        background = background[torch.randperm(background.numel(), device=labels.device)[:fill]]
+        picks.append(torch.cat([positive, background]) + g * width)
+    return torch.cat(picks)
+
+
+# ---------------------------------------------------------------- registry
+
+class BoxDomainHook(NamedTuple):
+    """What ``AlignDet`` needs of one detector family.
+
+    embedding_head(detector, dim) -> the projection MLP;
+    forward(detector, body_features, image_sizes, padded_size, proposals, embedding_head, num_samples) -> dict;
+    classifier_layers: name prefixes of the classifier the MLP replaces (frozen in
+        pre-training, re-initialised at fine-tuning);
+    num_samples: the official number of predictions kept for the contrastive loss.
+    """
+    embedding_head: Callable
+    forward: Callable
+    classifier_layers: tuple
+    num_samples: int
+
+
+def _dense_per_batch(*args, **kwargs):
+    return dense_box_domain(*args, **kwargs, per_image=False)
+
+
+DENSE_CLASSIFIER = ("head.classification_head.cls_logits.",)
+HOOKS = {
+    FasterRCNN: BoxDomainHook(faster_rcnn_embedding_head, faster_rcnn_box_domain,
+                              ("roi_heads.box_predictor.cls_score.",), 4096),
+    RetinaNet: BoxDomainHook(dense_embedding_head, dense_box_domain, DENSE_CLASSIFIER, 2048),  # per image
+    FCOS: BoxDomainHook(dense_embedding_head, _dense_per_batch, DENSE_CLASSIFIER, 2048),  # per batch (official)
+}
+
+
+def hook_for(detector: nn.Module) -> BoxDomainHook:
+    """The hook of ``detector``'s class (or of its nearest registered base class)."""
+    for cls in type(detector).__mro__:
+        if cls in HOOKS:
+            return HOOKS[cls]
+    raise ValueError(f"{type(detector).__name__} has no box-domain hook; registered: "
+                     f"{', '.join(c.__name__ for c in HOOKS)}")

@@ -1,0 +1,30 @@
+"""Supervised image-domain pre-training (stage 1, docs/method.md §2): a
+classifier that returns its loss dict, so the shared training loop runs it
+like every other model.
+
+    images [B, 3, S, S] --ResNet--> logits [B, classes] --cross-entropy(labels)--> loss_ce
+"""
+import torch.nn.functional as F
+from torch import nn
+
+
+class ImageClassifier(nn.Module):
+    """A torchvision ResNet (``net``, with its ``fc``) trained with cross-entropy."""
+
+    weight_dict = {"loss_ce": 1.0}
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, images, labels):
+        """images [B, 3, S, S] normalised like ImageNet, labels [B] int64 -> {"loss_ce", "acc_top1"}."""
+        logits = self.net(images)  # [B, classes]
+        return {"loss_ce": F.cross_entropy(logits, labels), "acc_top1": (logits.argmax(1) == labels).float().mean()}
+
+    def backbone_state_dict(self):
+        """The ResNet's weights in torchvision names, without the classifier: what --init reads."""
+        return {k: v for k, v in self.net.state_dict().items() if not k.startswith("fc.")}
+
+    def checkpoint_weights(self):
+        return {"backbone": self.backbone_state_dict(), "model": self.state_dict()}
