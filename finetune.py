@@ -59,29 +59,10 @@ from aligndet.data.transforms import eval_transforms, train_transforms
 from aligndet.engine import EpochBatches, JsonLog, NonFiniteLossError, evaluate, start_run, step_lr, train_one_epoch
 from aligndet.evaluation import CocoEvaluator
 from aligndet.models import DETECTORS, build_detector
-from aligndet.presets import PRESET_NAMES, model_defaults, model_options
-
-# The schedule of each preset; the architecture comes from aligndet/presets.py.
-SCHEDULES = {
-    # The demo dataset on 2 CPU cores in a few minutes.
-    "demo": dict(epochs=4, batch_size=8, lr=0.04, weight_decay=1e-4, warmup_iters=100, lr_steps=[3], eval_every=2),
-    # The standard COCO 1x recipe (12 epochs, steps at 8 and 11).
-    "coco": dict(epochs=12, batch_size=2, lr=0.02, weight_decay=1e-4, warmup_iters=500, lr_steps=[8, 11],
-                 eval_every=1),
-}
-# The one-stage detectors' lr is half Faster R-CNN's, as in torchvision's and the paper's recipes.
-DETECTOR_SCHEDULES = {("retinanet", "demo"): dict(lr=0.02), ("retinanet", "coco"): dict(lr=0.01),
-                      ("fcos", "demo"): dict(lr=0.02), ("fcos", "coco"): dict(lr=0.01)}
-
-
-def preset_defaults(preset, detector):
-    """Every default of ``--preset preset --detector detector``: architecture, then schedule."""
-    return {**model_defaults(detector, preset), **SCHEDULES[preset],
-            **DETECTOR_SCHEDULES.get((detector, preset), {})}
-
+from aligndet.presets import PRESET_NAMES, finetune_defaults, model_options
 
 def get_args_parser():
-    p = runbook_parser("finetune.py", __doc__, preset_keys=("preset", "detector"), presets=preset_defaults)
+    p = runbook_parser("finetune.py", __doc__, preset_keys=("preset", "detector"), presets=finetune_defaults)
     d = p.add_argument_group("data (default: the embedded demo dataset, built on first use)")
     d.add_argument("--train-json", help="COCO instances json of the training set")
     d.add_argument("--train-images", help="folder the training json's file_names are relative to")
@@ -102,7 +83,7 @@ def get_args_parser():
                    "torchvision:<Enum>.<NAME>, a file path, or 'none'")
     m.add_argument("--norm", choices=["frozen_bn", "bn", "sync_bn"], help="backbone normalisation")
     m.add_argument("--trainable-layers", type=int, help="backbone stages trained, 0-5 (from the top)")
-    m.add_argument("--fpn-channels", type=int)
+    m.add_argument("--fpn-channels", type=int, help="width of the FPN levels and of the heads")
     m.add_argument("--head-norm", choices=["none", "gn"], help="norm in the towers (retinanet; fcos always has gn)")
     m.add_argument("--representation-size", type=int, help="width of the box head's two fc layers (faster_rcnn)")
     m.add_argument("--min-size", type=int, nargs="+", help="short side(s); several = multi-scale training")
@@ -126,11 +107,11 @@ def get_args_parser():
     m.add_argument("--keep-heads", action="store_true", help="with --init, keep the final output layers too")
 
     o = p.add_argument_group("optimisation (defaults: --preset's)")
-    o.add_argument("--epochs", type=int)
+    o.add_argument("--epochs", type=int, help="passes over the (labelled) training set")
     o.add_argument("--batch-size", type=int, help="images per process per step")
     o.add_argument("--lr", type=float, help="SGD learning rate for 16 images per step (scaled to the real batch)")
-    o.add_argument("--momentum", type=float, default=0.9)
-    o.add_argument("--weight-decay", type=float)
+    o.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    o.add_argument("--weight-decay", type=float, help="SGD weight decay")
     o.add_argument("--warmup-iters", type=int, help="linear warm-up iterations")
     o.add_argument("--lr-steps", type=int, nargs="*", help="epochs at which lr is multiplied by 0.1")
 
@@ -236,7 +217,7 @@ def main(args):
 
     metrics = []
     checkpoint = RunCheckpoint(args.output_dir, model_without_ddp, optimizer, scaler, args, "finetune",
-                               every=args.checkpoint_every, metrics=metrics, label_to_cat=val_set.label_to_cat,
+                               every=args.checkpoint_every, kind="finetune.py", metrics=metrics, label_to_cat=val_set.label_to_cat,
                                class_names=val_set.class_names)
     resumed = checkpoint.resume(args.resume, log, weights_only=args.eval_only)
     start_epoch, start_iter = resumed.get("epoch", 0), resumed.get("iteration", 0)

@@ -59,42 +59,14 @@ from aligndet.data.images import list_images
 from aligndet.data.proposal_cache import ProposalCache, ProposalCacheError
 from aligndet.data.proposals import PRESETS as PROPOSAL_PRESETS
 from aligndet.data.proposals import ensure_proposals
-from aligndet.data.views import COCO_VIEW, DEMO_VIEW, TwoViewDataset, build_view_transform, two_view_collate
+from aligndet.data.views import TwoViewDataset, build_view_transform, two_view_collate
 from aligndet.engine import EpochBatches, JsonLog, NonFiniteLossError, start_run, step_lr, train_one_epoch
 from aligndet.models import DETECTORS, build_detector
-from aligndet.presets import PRESET_NAMES, model_defaults, model_options
+from aligndet.presets import BOX_VIEWS, PRESET_NAMES, box_defaults, model_defaults, model_options
 from aligndet.pretrain.box import AlignDet
 
-# Pre-training settings of each preset; the architecture is aligndet/presets.py's, as in finetune.py, so the
-# weights transfer one to one.
-SCHEDULES = {
-    # The demo on 2 CPU cores in about 9 minutes. 8 epochs at lr 0.04 gave +2.7 AP at 10 % labels where
-    # 4 epochs at 0.02 gave +1.3 (benchmarks/RESULTS.md): the contrastive task is still learning at the end.
-    "demo": dict(epochs=8, batch_size=8, lr=0.04, weight_decay=1e-4, warmup_iters=100, lr_steps=[6],
-                 num_samples=64, max_proposals=32, views="demo", proposal_preset="demo"),
-    # The official recipe (16 images per step on 8 GPUs).
-    "coco": dict(epochs=12, batch_size=2, lr=0.02, weight_decay=1e-4, warmup_iters=500, lr_steps=[8, 11],
-                 num_samples=0, max_proposals=0, views="coco", proposal_preset="coco"),
-}
-# What differs per detector. The paper pre-trains RetinaNet and FCOS at lr 0.01 and keeps 50 proposals per image
-# for RetinaNet; num_samples counts predictions per image for Faster R-CNN (positive RoIs) and RetinaNet (anchors)
-# but per batch for FCOS (points), as in the official settings.
-DETECTOR_SCHEDULES = {
-    ("retinanet", "demo"): dict(lr=0.02, num_samples=128),
-    ("retinanet", "coco"): dict(lr=0.01, max_proposals=50),
-    ("fcos", "demo"): dict(lr=0.02, num_samples=2048),  # the official number: 512 gave -0.8 AP, 2048 -0.4
-    ("fcos", "coco"): dict(lr=0.01),
-}
-VIEWS = {"demo": DEMO_VIEW, "coco": COCO_VIEW}
-
-
-def preset_defaults(preset, detector):
-    return {"backbone": model_defaults(detector, preset)["backbone"], **SCHEDULES[preset],
-            **DETECTOR_SCHEDULES.get((detector, preset), {})}
-
-
 def get_args_parser():
-    p = runbook_parser("train_box.py", __doc__, preset_keys=("preset", "detector"), presets=preset_defaults)
+    p = runbook_parser("train_box.py", __doc__, preset_keys=("preset", "detector"), presets=box_defaults)
     d = p.add_argument_group("data (default: the embedded demo dataset's training scenes, labels unused)")
     d.add_argument("--images", help="image folder (searched recursively) or the folder --json's files are in")
     d.add_argument("--json", help="COCO json listing the images (annotations are ignored)")
@@ -106,9 +78,9 @@ def get_args_parser():
                    "retinanet)")
     d.add_argument("--select", choices=["random", "first"], default="random",
                    help="which proposals --max-proposals keeps (random: redrawn each epoch)")
-    d.add_argument("--views", choices=sorted(VIEWS), help="view sizes: short sides and long-side cap")
+    d.add_argument("--views", choices=sorted(BOX_VIEWS), help="view sizes: short sides and long-side cap")
     d.add_argument("--crop", action="store_true", help="add a random crop to the views (ablation)")
-    d.add_argument("--demo-root", default="data/demo")
+    d.add_argument("--demo-root", default="data/demo", help="where the demo dataset lives / is built")
     d.add_argument("--workers", type=int, default=2, help="data-loading processes per training process")
 
     m = p.add_argument_group("model (the architecture is finetune.py's for the same --preset and --detector)")
@@ -120,19 +92,19 @@ def get_args_parser():
                    "torchvision:<Enum>.<NAME> (e.g. torchvision:ResNet50_Weights.IMAGENET1K_V1), or a MoCo / SwAV / "
                    "DINO / DenseCL checkpoint; default: the preset's backbone weights")
     m.add_argument("--embed-dim", type=int, default=256, help="embedding width D")
-    m.add_argument("--temperature", type=float, default=0.5)
+    m.add_argument("--temperature", type=float, default=0.5, help="tau of the contrastive loss")
     m.add_argument("--base-momentum", type=float, default=0.996, help="EMA momentum at the start (cosine to 1)")
     m.add_argument("--num-samples", type=int, help="predictions kept for the contrastive loss, per image (faster_rcnn, "
                    "retinanet) or per batch (fcos); 0: the official number, 4096 positive RoIs for Faster R-CNN, "
                    "2048 anchors / points for RetinaNet / FCOS")
 
     o = p.add_argument_group("optimisation (defaults: --preset's)")
-    o.add_argument("--epochs", type=int)
+    o.add_argument("--epochs", type=int, help="passes over the unlabelled images")
     o.add_argument("--batch-size", type=int, help="images per process per step")
     o.add_argument("--lr", type=float, help="SGD learning rate for 16 images per step (scaled to the real batch)")
-    o.add_argument("--momentum", type=float, default=0.9)
-    o.add_argument("--weight-decay", type=float)
-    o.add_argument("--warmup-iters", type=int)
+    o.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    o.add_argument("--weight-decay", type=float, help="SGD weight decay")
+    o.add_argument("--warmup-iters", type=int, help="linear warm-up iterations")
     o.add_argument("--lr-steps", type=int, nargs="*", help="epochs at which lr is multiplied by 0.1")
 
     add_run_arguments(p, "outputs/box")
@@ -166,7 +138,7 @@ def build_dataset(args, main_proc):
         print(f"{len(usable)} of {len(records)} images have an entry in the proposal cache {args.proposals} "
               f"({stats['boxes'] / max(stats['images'] - stats['failed'], 1):.1f} proposals per image, "
               f"{stats['failed']} images failed there and are skipped); settings {cache.settings}")
-    transform = build_view_transform(**VIEWS[args.views], crop=args.crop)
+    transform = build_view_transform(**BOX_VIEWS[args.views], crop=args.crop)
     return TwoViewDataset(usable, cache, transform, max_proposals=args.max_proposals or None, select=args.select,
                           seed=args.seed)
 
@@ -207,7 +179,7 @@ def main(args):
         return step_lr(step, base_lr, iters_per_epoch, args.warmup_iters, steps=args.lr_steps)
 
     checkpoint = RunCheckpoint(args.output_dir, model_without_ddp, optimizer, scaler, args, "box",
-                               every=args.checkpoint_every, detector=args.detector)
+                               every=args.checkpoint_every, kind="train_box.py", detector=args.detector)
     resumed = checkpoint.resume(args.resume, log)
     start_epoch, start_iter = resumed.get("epoch", 0), resumed.get("iteration", 0)
 

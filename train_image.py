@@ -103,12 +103,14 @@ def get_args_parser():
     d.add_argument("--val", help="validation folder <class>/<image>: top-1 (supervised) or k-NN top-1 (mocov2)")
     d.add_argument("--knn-train", help="labelled folder whose features form the k-NN bank for mocov2 "
                    "(default: --train when it has class folders)")
-    d.add_argument("--demo-root", default="data/demo")
+    d.add_argument("--demo-root", default="data/demo", help="where the demo dataset lives / is built")
     d.add_argument("--workers", type=int, default=2, help="data-loading processes per training process")
 
     m = p.add_argument_group("method and model (defaults: --preset's for --method)")
-    m.add_argument("--method", choices=["supervised", "mocov2"], default="supervised")
-    m.add_argument("--preset", choices=sorted({k[0] for k in PRESETS}), default="demo")
+    m.add_argument("--method", choices=["supervised", "mocov2"], default="supervised",
+                   help="classification with labels, or MoCo v2 without")
+    m.add_argument("--preset", choices=sorted({k[0] for k in PRESETS}), default="demo",
+                   help="model, schedule and crop-size preset (with --method)")
     m.add_argument("--arch", choices=RESNETS, help="the ResNet to train")
     m.add_argument("--init", metavar="WEIGHTS", help="start from these backbone weights: a checkpoint path "
                    "(ours, torchvision, MoCo, SwAV, DINO, DenseCL layouts) or torchvision:<Enum>.<NAME>")
@@ -120,18 +122,18 @@ def get_args_parser():
     mo.add_argument("--moco-dim", type=int, default=128, help="embedding width of the MLP head")
     mo.add_argument("--queue-size", type=int, help="negative keys kept in the queue")
     mo.add_argument("--moco-momentum", type=float, help="key-encoder EMA momentum (constant)")
-    mo.add_argument("--temperature", type=float, default=0.2)
+    mo.add_argument("--temperature", type=float, default=0.2, help="T of the InfoNCE loss")
     mo.add_argument("--shuffle-splits", type=int, default=8,
                     help="one process: BN groups of the shuffled key batch (shuffle-BN stand-in)")
-    mo.add_argument("--knn-k", type=int, default=20)
+    mo.add_argument("--knn-k", type=int, default=20, help="neighbours of the k-NN monitor")
 
     o = p.add_argument_group("optimisation (defaults: --preset's for --method)")
-    o.add_argument("--epochs", type=int)
+    o.add_argument("--epochs", type=int, help="passes over the training images")
     o.add_argument("--batch-size", type=int, help="images per process per step")
-    o.add_argument("--optimizer", choices=["sgd", "adamw"])
+    o.add_argument("--optimizer", choices=["sgd", "adamw"], help="no weight decay on norms and biases")
     o.add_argument("--lr", type=float, help="learning rate for 256 images per step (scaled to the real batch)")
     o.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    o.add_argument("--weight-decay", type=float)
+    o.add_argument("--weight-decay", type=float, help="on weights only")
     o.add_argument("--warmup-epochs", type=float, help="linear warm-up, then cosine decay to zero")
 
     r = add_run_arguments(p, "outputs/image")
@@ -288,7 +290,8 @@ def main(args):
 
     history = []
     checkpoint = RunCheckpoint(args.output_dir, model_without_ddp, optimizer, scaler, args, "image",
-                               every=args.checkpoint_every, expect={"method": args.method}, method=args.method,
+                               every=args.checkpoint_every, expect={"method": args.method},
+                               kind=f"train_image.py --method {args.method}", method=args.method,
                                arch=args.arch, classes=train.classes, history=history)
     resumed = checkpoint.resume(args.resume, log)
     start_epoch, start_iter = resumed.get("epoch", 0), resumed.get("iteration", 0)

@@ -4,53 +4,33 @@ mid-write never leaves a half file under the real name.
 
 ``weights_only=True`` only unpickles tensors, containers and primitives, so
 ``args`` is stored as ``args_to_dict(args)``, never as an ``argparse.Namespace``.
-Save from the main process only (``aligndet.distributed.is_main_process()``).
+Save from the main process only (``aligndet.distributed.is_main_process()``);
+``RunCheckpoint`` does, and resumes a training run.
+
+Reading lives in ``aligndet/models/weights.py`` (``read_checkpoint``, exported
+here as ``load_checkpoint``), so the detectors load weights without this module.
 """
 import argparse
 import enum
-import pickle
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from aligndet.atomic import atomic_write
+from aligndet.distributed import is_main_process
+from aligndet.models.weights import CheckpointError, load_backbone_weights, summarize_keys
+from aligndet.models.weights import read_checkpoint as load_checkpoint
+
+__all__ = ["CHECKPOINT_NAME", "CheckpointError", "args_to_dict", "latest_checkpoint", "load_checkpoint",
+           "load_pretrained", "save_checkpoint", "RunCheckpoint"]
 
 CHECKPOINT_NAME = "checkpoint.pth"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file exists but cannot be read."""
 
 
 def save_checkpoint(state, path):
     """Write ``state`` to ``path`` atomically: temp file in the same folder, fsync, rename."""
     return Path(atomic_write(path, lambda f: torch.save(state, f)))
-
-
-def load_checkpoint(path, map_location="cpu"):
-    """Read a checkpoint dict with ``weights_only=True``.
-
-    Raises ``FileNotFoundError`` if there is no file and ``CheckpointError``
-    naming the file if it cannot be read (truncated, partial write, or holding
-    objects other than tensors, containers and primitives).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "weights only" in str(e).lower():
-            raise CheckpointError(
-                f"checkpoint {path} holds objects that weights_only=True refuses to load "
-                f"(store args with args_to_dict): {e}") from e
-        raise CheckpointError(f"cannot read checkpoint {path}; it may be truncated or a "
-                              f"partial write: {e}") from e
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        raise CheckpointError(f"cannot read checkpoint {path}; it may be truncated or a "
-                              f"partial write: {type(e).__name__}: {e}") from e
 
 
 def latest_checkpoint(output_dir):
@@ -99,7 +79,7 @@ def _state_dict_of(checkpoint):
 def load_pretrained(model, path, keep_heads=False, log=print, detector=None):
     """Initialise ``model`` from a stage checkpoint or an imported backbone and print what happened.
 
-    Accepted sources (AlignDet's transfer, DESIGN section 3.8):
+    Accepted sources (AlignDet's transfer, docs/method.md §3.8):
       - a detector checkpoint (box-domain stage 2, or any of ours): a
         detector state dict, under ``model`` or bare (keys ``backbone.body...``,
         ``rpn...``, ``roi_heads...``); loaded whole, except the layers named in
@@ -127,15 +107,13 @@ def load_pretrained(model, path, keep_heads=False, log=print, detector=None):
     state = _state_dict_of(checkpoint) if isinstance(checkpoint, dict) else None
     if state and any(k.startswith("backbone.body.") for k in state):
         return _load_detector(model, path, state, keep_heads, log)
-    # Imported here: aligndet.models imports this module (for CheckpointError, load_checkpoint).
-    from aligndet.models.weights import load_backbone_weights
-
     report = load_backbone_weights(model.backbone.body, path, log)
     loaded = ["backbone.body." + k for k in report["loaded"]]
     reinitialised = [k for k in model.state_dict() if k not in loaded and not k.endswith("num_batches_tracked")]
     rest = [k for k in reinitialised if not k.startswith("backbone.body.")]
     if rest:
-        log(f"  rest of the model (initialised as usual): {', '.join(_collapse(rest, depth=2))}")
+        shown = summarize_keys(rest, lambda k: _module(k, depth=2), counts=False)
+        log(f"  rest of the model (initialised as usual): {shown}")
     return dict(loaded=loaded, reinitialised=reinitialised, unexpected=report["unexpected"],
                 mismatched=["backbone.body." + m for m in report["mismatched"]])
 
@@ -170,18 +148,77 @@ def _load_detector(model, path, state, keep_heads, log):
     for name, keys in (("re-initialised", reinitialised), ("unexpected (ignored)", unexpected),
                        ("shape mismatch (re-initialised)", mismatched)):
         if keys:
-            shown = ", ".join(_collapse(keys)[:12])
-            log(f"  {name}: {len(keys)}: {shown}")
+            log(f"  {name}: {len(keys)}: {summarize_keys(keys, _module)}")
     return report
 
 
-def _collapse(keys, depth=None):
-    """Group keys by module for a short report: 'roi_heads.box_predictor.*'
-    (with ``depth``, by their first ``depth`` names: 'roi_heads.box_head.*')."""
-    out = []
-    for key in keys:
-        head = key.split(" ")[0].rsplit(".", 1)[0]
-        head = ".".join(head.split(".")[:depth]) + ".*"
-        if head not in out:
-            out.append(head)
-    return out
+def _module(key, depth=None):
+    """A key's module, to group keys in a log line: 'roi_heads.box_predictor.cls_score.*'
+    (with ``depth``, its first ``depth`` names: 'roi_heads.box_predictor.*'). A
+    mismatch entry 'key (1024, 2) vs (1024, 3)' groups by its key."""
+    head = key.split(" ")[0].rsplit(".", 1)[0]
+    return ".".join(head.split(".")[:depth]) + ".*"
+
+
+class RunCheckpoint:
+    """The resumable state of one training run: ``output_dir/checkpoint.pth``.
+
+    A save holds the model's weights, the optimizer and AMP-scaler states, the
+    position (``epoch``, next ``iteration``), ``args`` and ``stage``, plus
+    ``fields``: values such as the metrics history, saved as they are at each
+    save (a list that grows in place is saved grown). The weights are
+    ``model.checkpoint_weights()`` when the model has it (AlignDet saves its
+    online detector as "model", the rest as "pretrain"; stage 1 adds
+    "backbone"), else ``{"model": model.state_dict()}``; resuming loads them with
+    ``model.load_checkpoint_weights(ckpt)`` or ``load_state_dict(ckpt["model"])``.
+    Only the main process writes; every process reads.
+
+    Args:
+        every: also save every N iterations inside an epoch (0: per epoch only);
+            ``engine.train_one_epoch`` calls ``save`` then.
+        expect: entries a checkpoint must have to be resumed here besides its
+            ``stage``; ``kind`` names such a checkpoint in the refusal of another.
+    """
+
+    def __init__(self, output_dir, model, optimizer, scaler, args, stage, every=0, expect=None, kind="this script's",
+                 **fields):
+        self.output_dir, self.model, self.optimizer, self.scaler = output_dir, model, optimizer, scaler
+        self.args, self.stage, self.every = args, stage, every
+        self.expect, self.kind = {"stage": stage, **(expect or {})}, kind
+        self.fields = fields
+
+    def save(self, epoch, iteration=0, name=CHECKPOINT_NAME):
+        """Write the current state (main process only); returns the path."""
+        path = Path(self.output_dir) / name
+        if is_main_process():
+            weights = (self.model.checkpoint_weights() if hasattr(self.model, "checkpoint_weights")
+                       else {"model": self.model.state_dict()})
+            save_checkpoint({**weights, "optimizer": self.optimizer.state_dict(),
+                             "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+                             "epoch": epoch, "iteration": iteration, "args": args_to_dict(self.args),
+                             "stage": self.stage, **self.fields}, path)
+        return path
+
+    def resume(self, resume, log=print, weights_only=False):
+        """``--resume``: None (start fresh), "auto" (``output_dir``'s checkpoint, if any) or
+        a path. Loads the weights (and, unless ``weights_only``, the optimizer and
+        scaler) and returns the checkpoint dict, or ``{}`` when starting fresh."""
+        path = latest_checkpoint(self.output_dir) if resume == "auto" else resume
+        if resume == "auto" and path is None:
+            log(f"--resume: no checkpoint in {self.output_dir}; starting fresh")
+        if not path:
+            return {}
+        ckpt = load_checkpoint(path)
+        if any(ckpt.get(k) != v for k, v in self.expect.items()):
+            found = ", ".join(f"{k} {ckpt.get(k)!r}" for k in self.expect)
+            raise CheckpointError(f"{path} is not a {self.kind} checkpoint ({found})")
+        if hasattr(self.model, "load_checkpoint_weights"):
+            self.model.load_checkpoint_weights(ckpt)
+        else:
+            self.model.load_state_dict(ckpt["model"])
+        if not weights_only:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            if self.scaler is not None and ckpt.get("scaler"):
+                self.scaler.load_state_dict(ckpt["scaler"])
+        log(f"resumed from {path}: epoch {ckpt['epoch']}, iteration {ckpt.get('iteration', 0)}")
+        return ckpt

@@ -66,14 +66,14 @@ def add_run_arguments(parser, output_dir):
     """The "run" options every script shares (``engine.start_run`` reads them); returns the
     group so a script can add its own (evaluation, ...)."""
     r = parser.add_argument_group("run")
-    r.add_argument("--output-dir", default=output_dir)
+    r.add_argument("--output-dir", default=output_dir, help="checkpoint.pth, log.jsonl, metrics go here")
     r.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue from --output-dir's checkpoint (or the given file)")
     r.add_argument("--checkpoint-every", type=int, default=0, help="also save every N iterations (0: per epoch)")
     r.add_argument("--max-iters", type=int, default=None, help="cap iterations per epoch (smoke tests)")
     r.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     r.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="mixed precision (CUDA only)")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=int, default=0, help="torch seed (plus the rank); also the data order")
     r.add_argument("--print-freq", type=int, default=20, help="log every N iterations")
     return r
 

@@ -150,7 +150,7 @@ class JsonLog:
             self.file.close()
 
 
-def _image_ids(batch):
+def batch_image_ids(batch):
     """The ``image_id``s of a batch whose last element is per-image dicts (targets, view metas)."""
     last = batch[-1] if isinstance(batch, (list, tuple)) and batch else None
     if isinstance(last, (list, tuple)) and all(isinstance(t, dict) for t in last):
@@ -187,7 +187,7 @@ def train_one_epoch(model, optimizer, batches, device, epoch, lr_fn, scaler=None
         if not math.isfinite(total):
             saved = checkpoint.save(epoch, iteration, "checkpoint_before_nonfinite.pth") if checkpoint else None
             raise NonFiniteLossError(
-                f"loss is {total} at epoch {epoch}, iteration {iteration} (images {_image_ids(batch)}): "
+                f"loss is {total} at epoch {epoch}, iteration {iteration} (images {batch_image_ids(batch)}): "
                 + ", ".join(f"{k}={v.item():.4g}" for k, v in logged.items())
                 + ". Try a lower --lr or longer --warmup-iters." + (f" Weights before this step: {saved}" if saved
                                                                     else ""), epoch, iteration)

@@ -33,12 +33,20 @@ FINETUNE = dict(epochs=20, lr_steps=[15], eval_every=5)
 RUNS = {"a": "(a) stage 1 only", "b": "(b) stage 1 + box-domain (AlignDet)"}
 
 
+def finetune_command(detector, init, out, fraction, seed, epochs, lr_steps, eval_every, fold=0):
+    """``finetune.py`` argv: ``fraction`` of the labels (``fold``), from ``init`` (None: from scratch), resumable."""
+    return ["finetune.py", "--detector", detector, "--label-fraction", str(fraction), "--fold", str(fold),
+            "--seed", str(seed), "--epochs", str(epochs), "--lr-steps", *map(str, lr_steps),
+            "--eval-every", str(eval_every), "--resume", *(["--init", init] if init else []), "--output-dir", out]
+
+
 def stage_commands(out, fraction, seed, detector="faster_rcnn"):
     """``[(stage name, description, argv)]`` in order."""
     image, box = os.path.join(out, "image"), os.path.join(out, "box")
-    finetune = ["finetune.py", "--detector", detector, "--label-fraction", str(fraction), "--seed", str(seed),
-                "--epochs", str(FINETUNE["epochs"]), "--lr-steps", *map(str, FINETUNE["lr_steps"]),
-                "--eval-every", str(FINETUNE["eval_every"]), "--resume"]
+
+    def finetune(init, name):
+        return finetune_command(detector, init, os.path.join(out, name), fraction, seed, **FINETUNE)
+
     return [
         ("stage1", "stage 1: train_image.py (supervised, object-centric digits)",
          ["train_image.py", "--output-dir", image, "--seed", str(seed), "--resume"]),
@@ -48,29 +56,49 @@ def stage_commands(out, fraction, seed, detector="faster_rcnn"):
          ["train_box.py", "--detector", detector, "--init", os.path.join(image, "checkpoint.pth"), "--output-dir", box,
           "--seed", str(seed), "--resume"]),
         ("finetune_a", f"fine-tune {fraction:.0%} labels from {RUNS['a']}",
-         finetune + ["--init", os.path.join(image, "checkpoint.pth"), "--output-dir", os.path.join(out, "ft_a")]),
+         finetune(os.path.join(image, "checkpoint.pth"), "ft_a")),
         ("finetune_b", f"fine-tune {fraction:.0%} labels from {RUNS['b']}",
-         finetune + ["--init", os.path.join(box, "checkpoint.pth"), "--output-dir", os.path.join(out, "ft_b")]),
+         finetune(os.path.join(box, "checkpoint.pth"), "ft_b")),
     ]
+
+
+class Stages:
+    """The stages of one run folder: each a script of this repository run as a subprocess,
+    recorded in ``<out>/stages.json`` when it finishes and skipped when asked again, so an
+    interrupted run continues (each script resumes itself with ``--resume``)."""
+
+    def __init__(self, out):
+        os.makedirs(out, exist_ok=True)
+        self.path = os.path.join(out, "stages.json")
+        self.done = json.load(open(self.path)) if os.path.isfile(self.path) else {}
+
+    def run(self, name, description, argv, log_path=None):
+        """Runs ``python argv`` from the repository root (output to ``log_path`` if given,
+        else shown) unless ``name`` is done; stops the program if it fails. Returns its seconds."""
+        if name in self.done:
+            print(f"== {description}: done in an earlier run ({self.done[name] / 60:.1f} min)", flush=True)
+            return self.done[name]
+        print(f"== {description}\n   {os.path.basename(sys.executable)} {' '.join(argv)}", flush=True)
+        start = time.time()
+        if log_path is None:
+            code = subprocess.call([sys.executable, *argv], cwd=ROOT)
+        else:
+            with open(log_path, "w") as log:
+                code = subprocess.call([sys.executable, *argv], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        if code != 0:
+            where = f"; see {log_path}" if log_path else ""
+            sys.exit(f"pipeline: {name} failed (exit {code}){where}; run the same command again to resume it")
+        self.done[name] = round(time.time() - start, 1)
+        atomic_write(self.path, lambda f: f.write(json.dumps(self.done, indent=1).encode()))
+        return self.done[name]
 
 
 def run_stages(out, fraction, seed, detector="faster_rcnn"):
     """Runs every stage not yet recorded as finished; returns ``{stage: seconds}``."""
-    os.makedirs(out, exist_ok=True)
-    record = os.path.join(out, "stages.json")
-    done = json.load(open(record)) if os.path.isfile(record) else {}
+    stages = Stages(out)
     for name, description, argv in stage_commands(out, fraction, seed, detector):
-        if name in done:
-            print(f"== {description}: done in an earlier run ({done[name] / 60:.1f} min)", flush=True)
-            continue
-        print(f"== {description}\n   {os.path.basename(sys.executable)} {' '.join(argv)}", flush=True)
-        start = time.time()
-        code = subprocess.call([sys.executable, *argv], cwd=ROOT)
-        if code != 0:
-            sys.exit(f"pipeline: {name} failed (exit {code}); run the same command again to resume it")
-        done[name] = round(time.time() - start, 1)
-        atomic_write(record, lambda f: f.write(json.dumps(done, indent=1).encode()))
-    return done
+        stages.run(name, description, argv)
+    return stages.done
 
 
 DETECTOR_NAMES = {"faster_rcnn": "Faster R-CNN", "retinanet": "RetinaNet", "fcos": "FCOS"}

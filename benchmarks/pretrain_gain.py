@@ -21,12 +21,11 @@ writes a PNG of AP against fine-tuning epoch.
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from aligndet.pipeline import Stages, finetune_command  # noqa: E402
 from aligndet.visualize import CURVE_COLOURS, ap_curves_figure  # noqa: E402
 
 # Fine-tuning schedule per label fraction: (epochs, lr step epochs, evaluate every N epochs, folds).
@@ -36,35 +35,18 @@ RUNS = {"c": "(c) no pre-training", "a": "(a) stage 1 (supervised)", "d": "(d) s
         "b": "(b) stage 1 + stage 2 (AlignDet)"}
 
 
-def run(cmd, log_path):
-    """Run a script of this repository, its output to a log file; stop on failure."""
-    start = time.time()
-    with open(log_path, "w") as log:
-        code = subprocess.call([sys.executable, *cmd], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    if code != 0:
-        sys.exit(f"failed ({code}): {' '.join(cmd)}; see {log_path}")
-    return time.time() - start
-
-
-def finetune(init, out, fraction, fold, seed, detector):
+def finetune(stages, init, out, fraction, fold, seed, detector):
     epochs, steps, every, _ = SCHEDULES[fraction]
-    metrics_file = os.path.join(out, "metrics.json")
-    if not os.path.isfile(metrics_file) or json.load(open(metrics_file))[-1]["epoch"] != epochs:
-        cmd = ["finetune.py", "--detector", detector, *(["--init", init] if init else []), "--label-fraction", str(fraction),
-               "--fold", str(fold), "--resume", "--epochs", str(epochs), "--lr-steps", *map(str, steps), "--eval-every", str(every),
-               "--seed", str(seed), "--output-dir", out]
-        run(cmd, out + ".log")
-    return json.load(open(metrics_file))
+    stages.run(os.path.basename(out), f"fine-tune {out}", finetune_command(detector, init, out, fraction, seed, epochs,
+                                                                           steps, every, fold), out + ".log")
+    return json.load(open(os.path.join(out, "metrics.json")))
 
 
-def stage(name, cmd, out, log_path):
+def stage(stages, name, cmd, out, log_path):
     """Run a pre-training script once (resuming an interrupted run); a finished one is reused."""
-    checkpoint = os.path.join(out, "checkpoint.pth")
-    if not os.path.isfile(os.path.join(out, "done")):
-        seconds = run(cmd + ["--output-dir", out, "--resume"], log_path)
-        open(os.path.join(out, "done"), "w").write(f"{seconds:.1f}\n")
-        print(f"{name} in {seconds / 60:.1f} min", flush=True)
-    return checkpoint
+    seconds = stages.run(os.path.basename(out), name, cmd + ["--output-dir", out, "--resume"], log_path)
+    print(f"{name} in {seconds / 60:.1f} min", flush=True)
+    return os.path.join(out, "checkpoint.pth")
 
 
 def main():
@@ -80,20 +62,21 @@ def main():
     os.makedirs(args.workdir, exist_ok=True)
     os.chdir(ROOT)
     w, seed = args.workdir, ["--seed", str(args.seed)]
+    stages = Stages(w)
     suffix = "" if args.detector == "faster_rcnn" else "_" + args.detector  # one workdir holds every detector
     inits = {"c": None}
     if {"a", "b"} & set(args.runs):
-        inits["a"] = stage("stage 1 (supervised)", ["train_image.py", *seed], os.path.join(w, "stage1_sup"),
+        inits["a"] = stage(stages, "stage 1 (supervised)", ["train_image.py", *seed], os.path.join(w, "stage1_sup"),
                            os.path.join(w, "stage1_sup.log"))
         top1 = json.load(open(os.path.join(w, "stage1_sup", "metrics.json")))[-1]["top1"]
         print(f"stage 1 (supervised): val top-1 {top1:.3f}", flush=True)
     if "d" in args.runs:
-        inits["d"] = stage("stage 1 (MoCo v2)", ["train_image.py", "--method", "mocov2", *seed],
+        inits["d"] = stage(stages, "stage 1 (MoCo v2)", ["train_image.py", "--method", "mocov2", *seed],
                            os.path.join(w, "stage1_moco"), os.path.join(w, "stage1_moco.log"))
         knn = json.load(open(os.path.join(w, "stage1_moco", "metrics.json")))[-1]["knn_top1"]
         print(f"stage 1 (MoCo v2): val k-NN top-1 {knn:.3f}", flush=True)
     if "b" in args.runs:
-        inits["b"] = stage("stage 2 (train_box.py)", ["train_box.py", "--detector", args.detector, "--init", inits["a"],
+        inits["b"] = stage(stages, "stage 2 (train_box.py)", ["train_box.py", "--detector", args.detector, "--init", inits["a"],
                                                       *seed, *args.box_args],
                            os.path.join(w, "stage2" + suffix), os.path.join(w, f"stage2{suffix}.log"))
 
@@ -104,7 +87,7 @@ def main():
             results = {}
             for name in runs:
                 out = os.path.join(w, f"ft_{name}_{fraction:g}_fold{fold}{suffix}")
-                results[name] = finetune(inits[name], out, fraction, fold, args.seed, args.detector)
+                results[name] = finetune(stages, inits[name], out, fraction, fold, args.seed, args.detector)
                 print(f"fraction {fraction:g} fold {fold} {RUNS[name]}: AP {results[name][-1]['AP']:.4f}", flush=True)
                 if fold == SCHEDULES[fraction][3][0]:
                     title = f"{args.detector}, {fraction:.0%} labels, fold {fold}: AP vs fine-tuning epoch"

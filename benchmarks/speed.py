@@ -7,7 +7,7 @@ supervised fine-tuning step.
     python benchmarks/speed.py --device cuda --amp bf16
 
 Settings: "demo" is finetune.py's demo preset of each detector (ResNet-18,
-128-px images, batch 8, read from finetune.py); "coco" is the standard
+128-px images, batch 8, read from aligndet/presets.py); "coco" is the standard
 ResNet-50-FPN at 800 px (batch 2, images 800x1067). The two models are timed
 alternately in one process (ours, theirs, ours, ...) so machine noise hits
 both alike; the median of the repeats is reported with the ratio ours /
@@ -35,9 +35,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from aligndet.convert import to_torchvision  # noqa: E402
 from aligndet.models import build_detector  # noqa: E402
-from aligndet.pretrain.box import AlignDet  # noqa: E402
-import train_box  # noqa: E402
 from aligndet.models import DETECTORS  # noqa: E402
+from aligndet.presets import box_defaults, model_defaults, model_options  # noqa: E402
+from aligndet.pretrain.box import AlignDet  # noqa: E402
+from aligndet.pretrain.hooks import hook_for  # noqa: E402
 
 SIZES = {"demo": dict(batch=8, image_size=(128, 128), num_classes=10),
          "coco": dict(batch=2, image_size=(800, 1067), num_classes=80)}
@@ -45,11 +46,11 @@ SIZES = {"demo": dict(batch=8, image_size=(128, 128), num_classes=10),
 
 def setting_for(detector, setting):
     """Backbone, build options, proposals per image and contrastive samples for one detector and setting."""
-    # train_box.py's presets carry the architecture (finetune.py's preset of the same name) too.
-    box = train_box.apply_presets(train_box.get_args_parser().parse_args(["--preset", setting, "--detector", detector]))
-    options = dict(box.model_options, backbone_weights=None)  # random weights: nothing to download
-    return dict(SIZES[setting], backbone=box.backbone, options=options, max_proposals=box.max_proposals,
-                num_samples=box.num_samples)
+    # The architecture finetune.py and train_box.py build for this preset, train_box.py's sampling.
+    architecture, box = model_defaults(detector, setting), box_defaults(setting, detector)
+    options = dict(model_options(detector, architecture), backbone_weights=None)  # random weights: no download
+    return dict(SIZES[setting], backbone=architecture["backbone"], options=options,
+                max_proposals=box["max_proposals"], num_samples=box["num_samples"])
 
 
 def convertible(options):
@@ -175,8 +176,8 @@ def bench_pretrain(detector, setting, repeats, warmup, device, amp):
     torch.manual_seed(0)
     supervised = build_detector(detector, cfg["num_classes"], backbone=cfg["backbone"], **cfg["options"])
     online = build_detector(detector, 1, backbone=cfg["backbone"], **cfg["options"])
-    num_proposals = cfg["max_proposals"] or online.PRETRAIN_MAX_PROPOSALS or 300
-    num_samples = cfg["num_samples"] or online.PRETRAIN_SAMPLES
+    num_proposals = cfg["max_proposals"] or 300  # as many as selective search keeps on a COCO image, roughly
+    num_samples = cfg["num_samples"] or hook_for(online).num_samples
     pretrain = AlignDet(online, num_samples=num_samples)
     supervised.to(device).train()
     pretrain.to(device).train()
@@ -192,12 +193,12 @@ def bench_pretrain(detector, setting, repeats, warmup, device, amp):
         def run():
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 out = loss_fn()
-            loss = sum(v for k, v in out.items() if k.startswith("loss"))
+            loss = sum(v * model.weight_dict[k] for k, v in out.items() if k.startswith("loss"))
             opt.zero_grad()
             loss.backward()
             opt.step()
-            if model is pretrain:
-                pretrain.momentum_update(1)
+            if hasattr(model, "after_step"):
+                model.after_step(1)
         return run
 
     t_pre, t_sup = time_pair([step(pretrain, lambda: pretrain(views1, views2)),

@@ -1,4 +1,4 @@
-"""Box-domain pre-training (AlignDet stage 2, DESIGN.md section 3) end to end:
+"""Box-domain pre-training (AlignDet stage 2, docs/method.md §3) end to end:
 what trains and what stays frozen, the momentum detector, the Faster R-CNN hook
 on edge cases, the transfer of the online detector to fine-tuning, and the
 train_box.py -> finetune.py scripts.
@@ -25,7 +25,9 @@ from aligndet.engine import NonFiniteLossError
 from aligndet.models import build_detector
 from aligndet.models.faster_rcnn import FasterRCNN
 from aligndet.models.transform import IMAGENET_MEAN, IMAGENET_STD, DetectionTransform
-from aligndet.pretrain.box import AlignDet, box_domain_step
+from aligndet.engine import batch_image_ids, to_device
+from aligndet.pretrain.box import AlignDet
+from aligndet.pretrain.hooks import HOOKS, faster_rcnn_box_domain
 from aligndet.pretrain.momentum import momentum_at
 from conftest import squares_views, write_squares_coco
 
@@ -55,16 +57,21 @@ def by_prefix(model, prefixes):
     return {n: p for n, p in model.named_parameters() if n.startswith(tuple(prefixes))}
 
 
+def box_step(model, batch, device):
+    """What the training loop does with a box-domain batch: (the model's outputs, the batch's image ids)."""
+    return model(*to_device(batch, device)), batch_image_ids(batch)
+
+
 ONLINE_BODY = "online.backbone.body."
-CLASSIFIER = tuple("online." + c for c in FasterRCNN.CLASSIFIER_LAYERS)
+CLASSIFIER = tuple("online." + c for c in HOOKS[FasterRCNN].classifier_layers)
 MOMENTUM = ("momentum.", "momentum_embed.")
 
 
 # ----------------------------------------------------------------------------- what trains
 
 
-def test_two_view_dataset_batch_runs_through_box_domain_step(tmp_path):
-    """The real data path: TwoViewDataset -> two_view_collate -> box_domain_step."""
+def test_two_view_dataset_batch_runs_through_the_model(tmp_path):
+    """The real data path: TwoViewDataset -> two_view_collate -> the model, as the training loop runs it."""
     paths = write_squares_coco(str(tmp_path), num_images=2, size=64)
     records = list_images(paths["train_images"], paths["train_json"])
     boxes = {r.key: torch.tensor([[4, 4, 30, 30], [20, 10, 50, 44], [0, 30, 40, 63]]).numpy() for r in records}
@@ -72,7 +79,7 @@ def test_two_view_dataset_batch_runs_through_box_domain_step(tmp_path):
     views1, views2, metas = batch = two_view_collate([dataset[0], dataset[1]])
     assert torch.cat([v["ids"] for v in views1]).tolist() == [0, 1, 2, 3, 4, 5]  # unique across the batch
     model = small_aligndet().train()
-    out, image_ids = box_domain_step(model, batch, CPU)
+    out, image_ids = box_step(model, batch, CPU)
     assert image_ids == [r.image_id for r in records]
     assert {"loss_contrastive", "loss_box_reg", "loss_objectness"} <= set(out)
     assert all(torch.isfinite(v).all() for v in out.values())
@@ -82,7 +89,7 @@ def test_two_view_dataset_batch_runs_through_box_domain_step(tmp_path):
 def test_gradients_reach_only_the_online_neck_heads_and_embedding():
     model = small_aligndet().train()
     views1, views2, metas = squares_views()
-    out, _ = box_domain_step(model, (views1, views2, metas), CPU)
+    out, _ = box_step(model, (views1, views2, metas), CPU)
     assert out["loss_contrastive"] > 0
     loss_sum(out).backward()
 
@@ -113,7 +120,7 @@ def test_optimiser_step_and_momentum_update():
     momentum = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith(MOMENTUM)}
     online = dict(model.named_parameters())
 
-    # The momentum detector starts as an exact copy of the online one (DESIGN 3.1) ...
+    # The momentum detector starts as an exact copy of the online one (docs/method.md §3.1) ...
     for name, p in momentum.items():
         assert torch.equal(p, online["online" + name[len("momentum"):]]), name
     # ... shares no storage with it ...
@@ -127,7 +134,7 @@ def test_optimiser_step_and_momentum_update():
     handle = model.body.register_forward_hook(lambda mod, inp, outp: calls.append(inp[0].shape))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-4)
-    out, _ = box_domain_step(model, squares_views(), CPU)
+    out, _ = box_step(model, squares_views(), CPU)
     handle.remove()
     assert len(calls) == 2  # view 1 for the online branch, view 2 for the momentum branch
     optimizer.zero_grad()
@@ -171,7 +178,7 @@ def test_body_stays_in_eval_mode_and_keeps_its_batch_norm_statistics():
     assert model.online.backbone.fpn.training and model.online.rpn.training and model.online_embed.training
     stats = {n: b.clone() for n, b in model.body.named_buffers()}
     assert any("running_mean" in n for n in stats)
-    box_domain_step(model, squares_views(), CPU)
+    box_step(model, squares_views(), CPU)
     for n, b in model.body.named_buffers():
         assert torch.equal(b, stats[n]), n
     model.eval()
@@ -215,7 +222,7 @@ def test_pretraining_loss_falls_on_a_fixed_batch():
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9)
     totals, contrastive = [], []
     for step in range(1, steps + 1):
-        out, _ = box_domain_step(model, batch, CPU)
+        out, _ = box_step(model, batch, CPU)
         assert out["queries"] == 12  # 6 proposals in each of 2 images, every step
         loss = loss_sum(out)
         totals.append(loss.item())
@@ -246,7 +253,7 @@ def test_batch_without_any_proposal_gives_zero_contrastive_loss(caplog):
     views1 = [_empty_view(64, 80), _empty_view(72, 64)]
     views2 = [_empty_view(64, 80), _empty_view(72, 64)]
     with caplog.at_level(logging.WARNING, logger="aligndet.pretrain.box"):
-        out, _ = box_domain_step(model, (views1, views2, [{"image_id": 1}, {"image_id": 2}]), CPU)
+        out, _ = box_step(model, (views1, views2, [{"image_id": 1}, {"image_id": 2}]), CPU)
     assert out["loss_contrastive"].item() == 0.0
     assert all(torch.isfinite(v).all() for v in out.values()), out
     assert out["instances"] == 0 and out["queries"] == 0
@@ -260,7 +267,7 @@ def test_batch_with_one_image_without_proposals_is_finite():
     views1, views2, metas = squares_views(num_images=1)
     views1.append(_empty_view(72, 64))
     views2.append(_empty_view(72, 64))
-    out, _ = box_domain_step(model, (views1, views2, metas + [{"image_id": 2}]), CPU)
+    out, _ = box_step(model, (views1, views2, metas + [{"image_id": 2}]), CPU)
     assert all(torch.isfinite(v).all() for v in out.values()), out
     assert out["loss_contrastive"] > 0
     loss_sum(out).backward()
@@ -272,7 +279,7 @@ def test_view_whose_proposals_were_all_cropped_out_is_finite():
     model = small_aligndet().train()
     views1, views2, metas = squares_views()
     views2 = [dict(v, boxes=v["boxes"][:0], ids=v["ids"][:0]) for v in views2]
-    out, _ = box_domain_step(model, (views1, views2, metas), CPU)
+    out, _ = box_step(model, (views1, views2, metas), CPU)
     assert all(torch.isfinite(v).all() for v in out.values()), out
     assert out["instances"] == 12 and out["matched_instances"] == 0
     loss_sum(out).backward()
@@ -289,8 +296,8 @@ def test_hook_caps_samples_per_image_and_returns_only_own_proposal_ids():
     with torch.no_grad():
         body = model.body(batch)
         for _ in range(3):  # the subset is random: several draws
-            out = det.box_domain_forward(body, sizes, batch.shape[-2:], proposals, model.online_embed,
-                                         num_samples=NUM_SAMPLES)
+            out = faster_rcnn_box_domain(det, body, sizes, batch.shape[-2:], proposals, model.online_embed,
+                                         NUM_SAMPLES)
             ids = out["ids"]
             assert out["embeddings"].shape == (len(ids), 32)
             assert ids.dtype == torch.int64
@@ -334,7 +341,7 @@ def test_transform_without_resize_keeps_sizes_and_boxes():
 def test_stage2_checkpoint_transfers_to_a_finetuning_detector(tmp_path):
     model = small_aligndet().train()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    out, _ = box_domain_step(model, squares_views(), CPU)
+    out, _ = box_step(model, squares_views(), CPU)
     loss_sum(out).backward()
     optimizer.step()
     model.momentum_update(1)

@@ -17,6 +17,7 @@ from aligndet.convert import from_torchvision, to_torchvision
 from aligndet.models.box_coder import LinearBoxCoder
 from aligndet.models.fcos import FCOS, build_fcos
 from aligndet.pretrain.box import AlignDet
+from aligndet.pretrain.hooks import dense_embedding_head, hook_for
 from conftest import assert_no_detections, assert_same_detections, squares_views
 
 SMALL = dict(min_size=128, max_size=192, fpn_channels=32)
@@ -353,7 +354,7 @@ def test_box_domain_hook_aligns_every_embedding_with_its_points_proposal():
     feature_sizes = [(12, 16), (6, 8), (3, 4), (2, 2), (1, 1)]  # P3-P7 of the padded batch
     total = 2 * sum(h * w for h, w in feature_sizes)
 
-    out = model.box_domain_forward(body, image_sizes, padded, proposals, PositionHead(), num_samples=total)
+    out = hook_for(model).forward(model, body, image_sizes, padded, proposals, PositionHead(), total)
     embeddings, ids = out["embeddings"], out["ids"]
     assert embeddings.shape == (total, 5) and ids.shape == (total,)
     positives = int((ids >= 0).sum())
@@ -374,7 +375,7 @@ def test_box_domain_hook_aligns_every_embedding_with_its_points_proposal():
     assert set(out["losses"]) == {"loss_box_reg", "loss_centerness"}
 
     # Fewer samples than positives: only positives, still aligned, capped per batch.
-    out = model.box_domain_forward(body, image_sizes, padded, proposals, PositionHead(), num_samples=10)
+    out = hook_for(model).forward(model, body, image_sizes, padded, proposals, PositionHead(), 10)
     assert out["ids"].shape == (10,) and (out["ids"] >= 0).all()
     for (b, h, w, y, x), point_id in zip(out["embeddings"].round().long().tolist(), out["ids"].tolist()):
         level = feature_sizes.index((h, w))
@@ -387,12 +388,12 @@ def test_box_domain_hook_with_an_image_without_proposals():
     model = build_fcos(1, "resnet18", fpn_channels=32, scale_ranges=RANGES)
     body, image_sizes, padded, proposals = _hook_inputs(model, empty_second=True)
     assert proposals[1]["boxes"].shape == (0, 4)
-    out = model.box_domain_forward(body, image_sizes, padded, proposals, model.embedding_head(16), num_samples=64)
+    out = hook_for(model).forward(model, body, image_sizes, padded, proposals, dense_embedding_head(model, 16), 64)
     assert out["embeddings"].shape == (64, 16) and len(out["ids"]) == 64
     assert all(torch.isfinite(v) for v in out["losses"].values())
     assert set(out["ids"].tolist()) <= set(proposals[0]["ids"].tolist()) | {-1}
     proposals[0] = {"boxes": torch.zeros(0, 4), "ids": torch.zeros(0, dtype=torch.int64)}
-    out = model.box_domain_forward(body, image_sizes, padded, proposals, model.embedding_head(16), num_samples=64)
+    out = hook_for(model).forward(model, body, image_sizes, padded, proposals, dense_embedding_head(model, 16), 64)
     assert (out["ids"] == -1).all() and all(v == 0 for v in out["losses"].values())
 
 

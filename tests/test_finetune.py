@@ -61,7 +61,7 @@ def test_mid_epoch_checkpoint_resumes_at_the_next_batch(squares_coco, tmp_path):
                                                  "--output-dir", out, "--eval-every", "5"]
     _run(argv)
     # The mid-epoch checkpoint was overwritten by the epoch-end one; check the batch arithmetic directly.
-    args = finetune.apply_preset(finetune.get_args_parser().parse_args(_data_args(squares_coco) + SMALL))
+    args = finetune.get_args_parser().parse_args(_data_args(squares_coco) + SMALL)
     train_set, _ = finetune.build_datasets(args)
     batches = EpochBatches(train_set, 4, 0, rank=0, world_size=1, seed=0, shuffle=True, collate_fn=collate_fn)
     full = [t for _, targets in batches.loader(epoch=1) for t in targets]
@@ -72,8 +72,7 @@ def test_mid_epoch_checkpoint_resumes_at_the_next_batch(squares_coco, tmp_path):
 
 
 def test_label_fraction_subset(squares_coco):
-    args = finetune.apply_preset(finetune.get_args_parser().parse_args(
-        _data_args(squares_coco) + ["--label-fraction", "0.5", "--fold", "1"]))
+    args = finetune.get_args_parser().parse_args(_data_args(squares_coco) + ["--label-fraction", "0.5", "--fold", "1"])
     train_set, val_set = finetune.build_datasets(args)
     again, _ = finetune.build_datasets(args)
     assert len(train_set) == 6 and train_set.ids == again.ids

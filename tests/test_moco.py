@@ -15,8 +15,9 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import v2 as T
 
-from aligndet.pretrain.knn import extract_features, gather_features, knn_top1
-from aligndet.pretrain.moco import MoCo, TwoCrops, build_moco_v2_transform
+from aligndet.data.transforms import TwoCrops, build_moco_v2_transform
+from aligndet.pretrain.knn import extract_features, knn_top1
+from aligndet.pretrain.moco import MoCo
 from aligndet.pretrain.momentum import MomentumUpdater, make_momentum_copy
 from conftest import run_gloo_workers
 
@@ -255,7 +256,6 @@ WORKER = """
 import torch
 import torch.nn.functional as F
 from aligndet import distributed as D
-from aligndet.pretrain.knn import gather_features
 from tests.test_moco import small_moco, tagged_images, record_batches
 
 D.init_distributed(device="cpu")
@@ -291,10 +291,6 @@ torch.testing.assert_close(model.queue[:, :total].T, all_keys, atol=1e-6, rtol=0
 assert torch.equal(model.queue[:, total:], queue_before[:, total:]) and int(model.queue_ptr) == total
 queues = D.all_gather_object(model.queue)
 assert torch.equal(queues[0], queues[1])  # the queue is the same on every rank
-
-features, labels = torch.full((batch, 4), float(rank)), torch.full((batch,), rank)
-all_features, all_labels = gather_features(features, labels)
-assert all_features.shape == (total, 4) and all_labels.tolist() == [0] * 3 + [1] * 5
 D.cleanup()
 print("ok", rank)
 """
@@ -346,8 +342,6 @@ def test_extract_features_in_eval_mode_and_restores_train_mode():
     assert all(torch.equal(b, stats[n]) for n, b in encoder.named_buffers())  # no BN update: eval mode
     torch.testing.assert_close(features, F.normalize(encoder.eval()(images), dim=1))
     assert torch.equal(got, labels) and got.dtype == torch.long
-    gathered = gather_features(features, got)
-    assert gathered[0] is features and gathered[1] is got  # no process group: as they were
 
 
 # ---------------------------------------------------------------------------

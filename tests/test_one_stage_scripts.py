@@ -11,6 +11,7 @@ import torch
 
 import finetune
 import train_box
+from aligndet.presets import model_options
 from conftest import write_squares_coco
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,35 +72,36 @@ def test_pretrain_then_finetune(tmp_path, detector, heads):
 
 
 def test_options_of_another_detector_are_refused():
-    args = finetune.apply_preset(finetune.get_args_parser().parse_args(
-        ["--detector", "retinanet", "--rpn-batch-size-per-image", "64"]))
+    args = finetune.get_args_parser().parse_args(["--detector", "retinanet", "--rpn-batch-size-per-image", "64"])
     with pytest.raises(ValueError, match="--rpn-batch-size-per-image does not apply to retinanet"):
-        finetune.model_options(args)
-    args = finetune.apply_preset(finetune.get_args_parser().parse_args(["--detector", "fcos", "--fpn-channels", "64"]))
-    options = finetune.model_options(args)
+        model_options(args.detector, vars(args))
+    args = finetune.get_args_parser().parse_args(["--detector", "fcos", "--fpn-channels", "64"])
+    options = model_options(args.detector, vars(args))
     assert options["fpn_channels"] == 64 and "rpn_batch_size_per_image" not in options
     assert options["anchor_sizes"] == (8, 16, 32, 64, 128)
 
 
 def test_presets_per_detector():
     parse = finetune.get_args_parser().parse_args
-    frcnn = finetune.apply_preset(parse(["--preset", "coco"]))
-    retina = finetune.apply_preset(parse(["--preset", "coco", "--detector", "retinanet"]))
+    frcnn = parse(["--preset", "coco"])
+    retina = parse(["--preset", "coco", "--detector", "retinanet"])
     assert frcnn.lr == 0.02 and retina.lr == 0.01  # the official recipes at 16 images
     assert retina.rpn_batch_size_per_image is None and retina.anchor_sizes == [32, 64, 128, 256, 512]
-    assert finetune.apply_preset(parse(["--detector", "retinanet", "--lr", "0.5"])).lr == 0.5  # flags win
-    demo = finetune.apply_preset(parse(["--detector", "retinanet"]))
-    assert demo.lr == 0.02 and finetune.model_options(demo)["head_norm"] == "gn"
-    assert finetune.model_options(finetune.apply_preset(parse(["--detector", "retinanet", "--preset", "coco"])))[
+    assert parse(["--detector", "retinanet", "--lr", "0.5"]).lr == 0.5  # flags win
+    demo = parse(["--detector", "retinanet"])
+    assert demo.lr == 0.02 and model_options("retinanet", vars(demo))["head_norm"] == "gn"
+    assert model_options("retinanet", vars(parse(["--detector", "retinanet", "--preset", "coco"])))[
         "head_norm"] == "none"  # the standard RetinaNet for COCO
     with pytest.raises(ValueError, match="--head-norm does not apply to faster_rcnn"):
-        finetune.model_options(finetune.apply_preset(parse(["--head-norm", "gn"])))
+        model_options("faster_rcnn", vars(parse(["--head-norm", "gn"])))
 
     def box_args(*argv):
-        return train_box.apply_presets(train_box.get_args_parser().parse_args(list(argv)))
+        return train_box.get_args_parser().parse_args(list(argv))
 
     assert box_args("--preset", "coco", "--detector", "retinanet").max_proposals == 50  # the paper's cap
     assert box_args("--preset", "coco", "--detector", "fcos").max_proposals == 0
     assert box_args("--preset", "coco", "--detector", "retinanet").lr == 0.01
-    assert box_args("--detector", "fcos").model_options["fpn_channels"] == 64  # GroupNorm on P7
+    # train_box.py builds finetune.py's architecture for the same preset and detector.
+    detector = train_box.build_detector_to_pretrain(box_args("--detector", "fcos"), log=lambda *a: None)
+    assert detector.backbone.out_channels == 64  # GroupNorm on P7
     assert isinstance(box_args("--detector", "fcos"), argparse.Namespace)

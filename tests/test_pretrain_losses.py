@@ -1,4 +1,4 @@
-"""Box-domain contrastive loss (DESIGN.md 3.5) and momentum detector (3.1, 3.2).
+"""Box-domain contrastive loss (docs/method.md §3.5) and momentum detector (3.1, 3.2).
 
 The loss is checked against a naive per-instance loop written straight from the
 definition; the momentum update against its formula on small modules.
@@ -14,7 +14,7 @@ from aligndet.pretrain.momentum import MomentumUpdater, make_momentum_copy, mome
 
 
 # ---------------------------------------------------------------------------
-# Naive reference: DESIGN.md 3.5, one instance, one (query, key) pair at a time.
+# Naive reference: docs/method.md §3.5, one instance, one (query, key) pair at a time.
 # ---------------------------------------------------------------------------
 
 def naive_box_contrastive_loss(q, q_ids, k, k_ids, temperature=0.5):

@@ -18,6 +18,7 @@ from aligndet.convert import from_torchvision, to_torchvision
 from aligndet.models.matcher import IGNORE
 from aligndet.models.retinanet import RetinaNet, build_retinanet
 from aligndet.pretrain.box import AlignDet
+from aligndet.pretrain.hooks import dense_box_domain, dense_embedding_head
 from conftest import assert_no_detections, assert_same_detections, squares_views
 
 SMALL = dict(min_size=128, max_size=192, fpn_channels=32, anchor_sizes=(16, 32, 64, 128, 256))
@@ -282,8 +283,8 @@ def test_box_domain_embeddings_align_with_their_anchor_ids(num_samples):
     with torch.no_grad():
         body = model.backbone.body(batch)
         level_shapes = [tuple(f.shape[-2:]) for f in model.backbone.fpn(body).values()]
-        out = model.box_domain_forward(body, image_sizes, padded, proposals, PositionEmbedding(num_anchors),
-                                       num_samples)
+        out = dense_box_domain(model, body, image_sizes, padded, proposals, PositionEmbedding(num_anchors),
+                               num_samples)
     heights = [h for h, _ in level_shapes]
     assert len(set(heights)) == len(heights), "levels must be told apart by their height"
     anchors, offsets = _independent_anchors(model.anchor_generator.sizes, (0.5, 1.0, 2.0), level_shapes, padded)
@@ -318,7 +319,7 @@ def test_box_domain_regression_with_an_image_without_proposals():
     batch, image_sizes, proposals = model.transform(images, proposals, resize=False)
     with torch.no_grad():
         body = model.backbone.body(batch)
-    out = model.box_domain_forward(body, image_sizes, batch.shape[-2:], proposals, model.embedding_head(16), 64)
+    out = dense_box_domain(model, body, image_sizes, batch.shape[-2:], proposals, dense_embedding_head(model, 16), 64)
     loss = out["losses"]["loss_box_reg"]
     assert torch.isfinite(loss) and loss > 0
     loss.backward()

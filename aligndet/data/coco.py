@@ -30,10 +30,9 @@ from pycocotools.coco import COCO
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
-logger = logging.getLogger(__name__)
+from aligndet.data.images import WarningCap
 
-# Per-item warnings of one kind stop after this many; the rest only count.
-MAX_WARNINGS_PER_KIND = 10
+logger = logging.getLogger(__name__)
 
 
 class CocoDetection(torch.utils.data.Dataset):
@@ -82,7 +81,7 @@ class CocoDetection(torch.utils.data.Dataset):
              "unknown_category", "invalid_boxes", "clipped_boxes", "dropped_after_clip",
              "empty_images", "removed_empty", "unreadable_images"], 0)
         self._counts["images_in_json"] = len(self.coco.imgs)
-        self._warned = {}
+        self._warn = WarningCap(logger)
 
         self.ids, self._paths, self._boxes, self._labels = [], [], [], []
         for image_id in image_ids:
@@ -103,7 +102,6 @@ class CocoDetection(torch.utils.data.Dataset):
             self._paths.append(path)
             self._boxes.append(boxes)
             self._labels.append(labels)
-        self._note_capped_warnings()
         if not self.ids:
             logger.warning("no usable images in %s: %s", ann_file, self.report())
 
@@ -146,18 +144,6 @@ class CocoDetection(torch.utils.data.Dataset):
         self._counts["kept_boxes"] += len(boxes)
         return (np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
                 np.asarray(labels, dtype=np.int64))
-
-    def _warn(self, kind, msg, *args):
-        n = self._warned.get(kind, 0)
-        if n < MAX_WARNINGS_PER_KIND:
-            logger.warning(msg, *args)
-        self._warned[kind] = n + 1
-
-    def _note_capped_warnings(self):
-        for kind, n in self._warned.items():
-            if n > MAX_WARNINGS_PER_KIND:
-                logger.warning("%d more '%s' warnings for %s not shown; see summary()",
-                               n - MAX_WARNINGS_PER_KIND, kind, self.ann_file)
 
     def __len__(self):
         return len(self.ids)

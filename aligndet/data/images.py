@@ -11,7 +11,8 @@ from either source. Both list them as ``ImageRecord(key, path, image_id)``:
 ``read_rgb`` decodes any file PIL reads into RGB uint8, including greyscale,
 palette, RGBA (alpha dropped), CMYK and 16-bit or float greyscale (rescaled
 to 8 bits, not clipped), and raises ``ImageReadError`` naming the file on
-anything else.
+anything else. Datasets skip such files, count them, and warn through a
+``WarningCap``, so a folder of broken files gives a few lines, not thousands.
 """
 import json
 import os
@@ -22,9 +23,30 @@ from PIL import Image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
+# Per-item warnings of one kind stop after this many; the rest only count.
+MAX_WARNINGS_PER_KIND = 10
+
 
 class ImageReadError(OSError):
     """An image file is missing, empty, truncated or not an image."""
+
+
+class WarningCap:
+    """``cap(kind, msg, *args)`` logs ``logger.warning(msg, *args)`` for the first
+    ``limit`` calls of each ``kind``, then one line saying that the rest are not
+    shown; the dataset's ``summary()`` still counts every case."""
+
+    def __init__(self, logger, limit=MAX_WARNINGS_PER_KIND):
+        self.logger, self.limit = logger, limit
+        self.calls = {}  # kind -> calls so far
+
+    def __call__(self, kind, msg, *args):
+        n = self.calls.get(kind, 0)
+        if n < self.limit:
+            self.logger.warning(msg, *args)
+        elif n == self.limit:
+            self.logger.warning("further '%s' warnings are not shown; see summary()", kind)
+        self.calls[kind] = n + 1
 
 
 class ImageRecord(NamedTuple):

@@ -1,6 +1,6 @@
 """Selective-search proposals for unlabeled images, the pseudo-objects of box-domain pre-training.
 
-AlignDet (DESIGN.md section 3) trains a detector's neck and heads on
+AlignDet (docs/method.md §3, §5) trains a detector's neck and heads on
 class-agnostic boxes from selective search. This module makes them for any
 image folder or COCO json and stores them in a resumable shard cache
 (``aligndet/data/proposal_cache.py``, where the format is described).
@@ -268,12 +268,21 @@ def ensure_proposals(records, cache_dir, settings, workers=None, progress=True):
     return ProposalCache(cache_dir)
 
 
+def filter_defaults(preset, images):
+    """The build options' defaults: ``preset``'s filters; without one, demo for the demo
+    dataset (no --images) and coco otherwise."""
+    return PRESETS[preset or ("demo" if images is None else "coco")]
+
+
 def get_args_parser():
+    # The command line's parser is imported here, so the search above copies out with its siblings only.
+    from aligndet.cli import HelpFormatter, PresetParser
+
     p = argparse.ArgumentParser("python -m aligndet.data.proposals", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command")
+    sub = p.add_subparsers(dest="command", parser_class=PresetParser)
     b = sub.add_parser("build", help="run selective search over images into a cache (default command)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter, preset_keys=("preset", "images"), presets=filter_defaults)
     b.add_argument("--images", help="image folder (searched recursively), or the folder a --json's "
                    "file_names are relative to (default: the demo's training scenes)")
     b.add_argument("--json", help="COCO json whose images to use (annotations ignored)")
@@ -281,7 +290,7 @@ def get_args_parser():
     b.add_argument("--demo-split", choices=sorted(DEMO_SPLITS), default="train",
                    help="without --images: which demo split")
     b.add_argument("--preset", choices=sorted(PRESETS), help="filter settings (default: demo for the demo "
-                   "dataset, coco otherwise); the options below override single values")
+                   "dataset, coco otherwise); the defaults below are its values")
     b.add_argument("--mode", choices=["fast", "quality"], help="OpenCV selective-search strategy")
     b.add_argument("--search-side", type=int, help="resize the longer side to this before the search, "
                    "boxes mapped back (0: native scale)")
@@ -318,11 +327,7 @@ def resolve_build_args(args):
         args.preset = args.preset or "demo"
     if args.out is None:
         raise ValueError("--out is required with --images")
-    settings = dict(PRESETS[args.preset or "coco"])
-    for key in SETTINGS:
-        if getattr(args, key) is not None:
-            settings[key] = getattr(args, key)
-    return settings
+    return {key: getattr(args, key) for key in SETTINGS}  # the preset's, or the flags given
 
 
 def main(argv=None):

@@ -1,4 +1,5 @@
-"""Transforms: fine-tuning ``(image, target) -> (image, target)`` and image-domain pre-training.
+"""Transforms: fine-tuning ``(image, target) -> (image, target)`` and image-domain
+pre-training (ImageNet classification, MoCo v2's two views).
 
 Built from ``torchvision.transforms.v2``, which moves ``target["boxes"]``
 (``tv_tensors.BoundingBoxes``, as ``CocoDetection`` hands them over) together
@@ -14,6 +15,8 @@ by itself) if you add crops or zooms that can push boxes off the image.
 """
 import torch
 from torchvision.transforms import v2 as T
+
+from aligndet.models.transform import IMAGENET_MEAN, IMAGENET_STD
 
 
 def train_transforms(hflip_prob=0.5):
@@ -33,10 +36,8 @@ def eval_transforms():
     ])
 
 
-# Image-domain pre-training (train_image.py): PIL image -> normalised float tensor [3, S, S].
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-
-
+# Image-domain pre-training (train_image.py): PIL image -> float tensor [3, S, S], normalised
+# with the ImageNet mean and std the detectors use (aligndet/models/transform.py).
 def classification_train_transforms(size=224, scale=(0.08, 1.0), hflip_prob=0.5):
     """The standard ImageNet training augmentation: random resized crop and flip."""
     return T.Compose([
@@ -57,3 +58,31 @@ def classification_eval_transforms(size=224, resize=256):
         T.ToDtype(torch.float32, scale=True),
         T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
+
+
+def build_moco_v2_transform(size=224, scale=(0.2, 1.0), blur=True):
+    """MoCo v2's augmentation (its ``aug_plus``): PIL image -> float tensor
+    [3, size, size], normalised with the ImageNet mean and std. The blur
+    kernel is ~10% of ``size`` (odd, at least 3), as in SimCLR."""
+    kernel = max(3, int(0.1 * size) // 2 * 2 + 1)
+    return T.Compose([
+        T.ToImage(),
+        T.RandomResizedCrop(size, scale=scale, antialias=True),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        *([T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5)] if blur else []),
+        T.RandomHorizontalFlip(),
+        T.ToDtype(torch.float32, scale=True),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        T.ToPureTensor(),
+    ])
+
+
+class TwoCrops:
+    """Two independent draws of ``transform`` on one image: MoCo's query and key views."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, image):
+        return self.transform(image), self.transform(image)

@@ -1,6 +1,6 @@
 """Two augmented views of one image and its proposals, for box-domain pre-training.
 
-AlignDet (section 3.2 of the paper, DESIGN.md section 3) trains the online
+AlignDet (section 3.2 of the paper, docs/method.md §5) trains the online
 detector on view ``x1 = t1(x)`` and the momentum detector on ``x2 = t2(x)``,
 where ``t1, t2`` are two independent draws of one random augmentation and the
 selective-search proposals ``P`` move with the image: ``P1 = t1(P)``,
@@ -39,12 +39,9 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as F
 
-from .images import ImageReadError, read_rgb
+from .images import ImageReadError, WarningCap, read_rgb
 
 logger = logging.getLogger(__name__)
-
-# Per-item warnings of one kind stop after this many; the rest only count.
-MAX_WARNINGS_PER_KIND = 10
 
 # Official COCO views; the demo preset scales them to 128x128 scenes
 # (800 -> 128, 640 -> ~104, 1333 -> ~213).
@@ -245,7 +242,7 @@ class TwoViewDataset(torch.utils.data.Dataset):
             ["missing_proposals", "unreadable_images", "proposals_read", "invalid_proposals",
              "clipped_proposals", "dropped_after_clip", "capped_proposals", "kept_proposals",
              "empty_images", "dropped_from_view"], 0)
-        self._warned = {}
+        self._warn = WarningCap(logger)
 
     def set_epoch(self, epoch):
         """Views (and random subsets) of epoch ``epoch``; call before iterating."""
@@ -331,14 +328,6 @@ class TwoViewDataset(torch.utils.data.Dataset):
         return {"image": image.as_subclass(torch.Tensor),
                 "boxes": out["boxes"].as_subclass(torch.Tensor).float().reshape(-1, 4),
                 "ids": torch.as_tensor(out["ids"], dtype=torch.int64)}
-
-    def _warn(self, kind, msg, *args):
-        n = self._warned.get(kind, 0)
-        if n < MAX_WARNINGS_PER_KIND:
-            logger.warning(msg, *args)
-        elif n == MAX_WARNINGS_PER_KIND:
-            logger.warning("further '%s' warnings are not shown; see summary()", kind)
-        self._warned[kind] = n + 1
 
     def summary(self):
         """Counts of what was skipped, dropped, clipped or kept so far, as a dict of ints."""

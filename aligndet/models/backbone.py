@@ -2,13 +2,12 @@
 from collections import OrderedDict
 
 import torch
+import torch.distributed as dist
 import torchvision
 from torch import nn
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
-
-from aligndet.distributed import is_main_process
 
 from .weights import load_backbone_weights
 
@@ -31,8 +30,14 @@ def load_resnet(name: str, weights=None, norm: str = "frozen_bn") -> nn.Module:
         raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORM_LAYERS)}")
     resnet = getattr(torchvision.models, name)(weights=None, norm_layer=NORM_LAYERS[norm])
     if weights is not None:
-        load_backbone_weights(resnet, weights, log=print if is_main_process() else (lambda *a: None), arch=name)
+        load_backbone_weights(resnet, weights, log=(lambda *a: None) if _other_rank() else print, arch=name)
     return resnet
+
+
+def _other_rank():
+    """True on ranks other than 0 under torch.distributed, which stay silent about
+    the weights (torch only, so ``models/`` copies out without our distributed helpers)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
 
 
 class ResNetBody(nn.Module):

@@ -85,7 +85,7 @@ class RetinaNet(OneStageDetector):
         focal_alpha, focal_gamma: of the sigmoid focal loss.
     """
 
-    # Final layers that fine-tuning re-initialises after pre-training (DESIGN 3.8).
+    # Final layers that fine-tuning re-initialises after pre-training (docs/method.md §3.8).
     OUTPUT_LAYERS = ("head.classification_head.cls_logits.", "head.regression_head.bbox_reg.")
     # How a training loop combines the loss terms forward() returns.
     weight_dict = {"loss_classifier": 1.0, "loss_box_reg": 1.0}

@@ -17,15 +17,19 @@ counts go to the encoder that transfers (the query / base / teacher encoder,
 not its momentum copy). ``fc.*`` is an ImageNet classifier or a projection
 head and never loads; ``num_batches_tracked`` counters load along when both
 sides have them (``FrozenBatchNorm2d`` has none) and are never counted.
+
+Checkpoint files are read here (``read_checkpoint``), so a detector copied out
+with its siblings in ``models/`` needs nothing else of aligndet; writing them
+(atomically, with the training state) is ``aligndet/checkpoint.py``'s job.
 """
+import pickle
 import re
+import zipfile
 from collections import Counter
 from pathlib import Path
 
 import torch
 import torchvision
-
-from aligndet.checkpoint import CheckpointError, load_checkpoint
 
 TORCHVISION = "torchvision:"
 RESNET_KEY = re.compile(r"(conv1|bn1|layer\d)\.")  # trunk tensors; fc is the head
@@ -36,6 +40,34 @@ MIN_LOADED = 0.5  # refuse a checkpoint that fills less than this fraction of th
 LAYOUTS = {(False, (2, 2, 2, 2)): "resnet18", (False, (3, 4, 6, 3)): "resnet34",
            (True, (3, 4, 6, 3)): "resnet50", (True, (3, 4, 23, 3)): "resnet101", (True, (3, 8, 36, 3)): "resnet152"}
 NBT = "num_batches_tracked"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file exists but cannot be read, or holds no weights that fit the model."""
+
+
+def read_checkpoint(path, map_location="cpu"):
+    """Read a checkpoint dict with ``weights_only=True``.
+
+    Raises ``FileNotFoundError`` if there is no file and ``CheckpointError``
+    naming the file if it cannot be read (truncated, partial write, or holding
+    objects other than tensors, containers and primitives).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower():
+            raise CheckpointError(
+                f"checkpoint {path} holds objects that weights_only=True refuses to load "
+                f"(store args with args_to_dict): {e}") from e
+        raise CheckpointError(f"cannot read checkpoint {path}; it may be truncated or a "
+                              f"partial write: {e}") from e
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"cannot read checkpoint {path}; it may be truncated or a "
+                              f"partial write: {type(e).__name__}: {e}") from e
 
 
 def parse_torchvision_weights(spec, arch=None):
@@ -179,7 +211,7 @@ def load_backbone_weights(resnet, source, log=print, arch=None):
                                 f"{TORCHVISION}<Enum>.<NAME> (e.g. {TORCHVISION}ResNet50_Weights.IMAGENET1K_V2) "
                                 f"or imagenet")
     else:
-        checkpoint = load_checkpoint(source)
+        checkpoint = read_checkpoint(source)
     try:
         state, layout, dropped = extract_backbone_state(checkpoint, own)
     except CheckpointError as e:
@@ -201,23 +233,30 @@ def load_backbone_weights(resnet, source, log=print, arch=None):
             f"{source} ({layout}) does not fit {arch}: {counted}/{total} tensors match by name and shape. "
             f"The checkpoint holds {describe_resnet(found)}; the model is {describe_resnet(own)}."
             + (f" Shapes differ at {'; '.join(mismatched[:3])}." if mismatched else "")
-            + (f" Not in the model: {_summary(extra, _block)}." if extra else "")
-            + (f" Missing from the checkpoint: {_summary(missing, _block)}." if missing else ""))
+            + (f" Not in the model: {summarize_keys(extra, _block)}." if extra else "")
+            + (f" Missing from the checkpoint: {summarize_keys(missing, _block)}." if missing else ""))
     resnet.load_state_dict({k: state[k] for k in loaded}, strict=False)
 
     log(f"init backbone {arch} from {source} ({layout})")
     log(f"  loaded {counted}/{total} tensors")
-    log(f"  missing (kept as initialised): {len(missing)}: {_summary(missing, _block)}" if missing
+    log(f"  missing (kept as initialised): {len(missing)}: {summarize_keys(missing, _block)}" if missing
         else "  missing: none")
-    log(f"  unexpected (ignored): {len(dropped)}: {_summary(dropped, lambda k: _head(k, own))}"
+    log(f"  unexpected (ignored): {len(dropped)}: {summarize_keys(dropped, lambda k: _head(k, own))}"
         if dropped else "  unexpected: none")
     return dict(loaded=loaded, missing=missing, unexpected=dropped, mismatched=mismatched)
 
 
-def _summary(keys, group, shown=12):
-    """'layer4.1.* (10), bn1.* (4), module.queue': keys counted by group, in order."""
-    counts = Counter(group(k) for k in keys)
-    items = [f"{g} ({n})" if n > 1 else next(k for k in keys if group(k) == g) for g, n in counts.items()]
+def summarize_keys(keys, group, shown=12, counts=True):
+    """A list of state-dict keys shortened for a log line: 'layer4.1.* (10), bn1.* (4), module.queue'.
+
+    Keys are grouped by ``group(key)`` (e.g. 'layer4.1.conv1.weight' -> 'layer4.1.*'),
+    in the order groups first appear. A group of several keys shows as its
+    name and how many (the name alone with ``counts=False``), a group of one
+    as that key itself. At most ``shown`` groups are listed, then '... (N more)'.
+    """
+    sizes = Counter(group(k) for k in keys)
+    items = [(f"{g} ({n})" if counts else g) if n > 1 else next(k for k in keys if group(k) == g)
+             for g, n in sizes.items()]
     return ", ".join(items[:shown]) + (f", ... ({len(items) - shown} more)" if len(items) > shown else "")
 
 

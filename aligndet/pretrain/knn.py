@@ -7,16 +7,11 @@ most cosine-similar to a test feature votes for its label with weight
 ``exp(sim / T)``; the label with the largest total wins. It needs no
 training, so it tracks self-supervised pre-training (MoCo) cheaply.
 
-Under torch.distributed each rank extracts the features of its shard
-(``DistributedSampler``); ``gather_features`` then gives every rank all of
-them, and every rank computes the same accuracy (no broadcast needed; log it
-on rank 0). ``DistributedSampler`` repeats up to ``world_size - 1`` samples to
-even the shards; they are counted twice, which moves the accuracy negligibly.
+Nothing here is distributed: under torch.distributed, run the monitor on one
+rank over the whole bank and test set, and share its accuracy with the others.
 """
 import torch
 import torch.nn.functional as F
-
-from aligndet.distributed import all_gather_object, get_world_size
 
 
 @torch.no_grad()
@@ -36,18 +31,6 @@ def extract_features(model, loader, device):
     if not features:
         raise ValueError("extract_features: the loader yielded no batch")
     return torch.cat(features), torch.cat(labels)
-
-
-@torch.no_grad()
-def gather_features(features, labels):
-    """Every rank's ``(features [N_r, C], labels [N_r])`` concatenated in rank
-    order, on every rank and on the input's device (the inputs alone without a
-    process group). Goes through CPU, so it suits monitor-sized sets."""
-    if get_world_size() == 1:
-        return features, labels
-    parts = all_gather_object((features.cpu(), labels.cpu()))
-    return (torch.cat([f for f, _ in parts]).to(features.device),
-            torch.cat([y for _, y in parts]).to(labels.device))
 
 
 @torch.no_grad()

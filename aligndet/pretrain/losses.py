@@ -1,4 +1,4 @@
-"""The box-level contrastive loss of AlignDet (Eq. 3, DESIGN.md section 3.5).
+"""The box-level contrastive loss of AlignDet (Eq. 3, docs/method.md §3.5).
 
 Predictions of the online detector on view 1 (``q``) and of the momentum
 detector on view 2 (``k``) each carry the instance id of the selective-search

@@ -20,7 +20,8 @@ until the key encoder has been updated, so step 4 cannot be forgotten)::
 
 The queue and its pointer are buffers, so ``state_dict()`` carries them into
 checkpoints; ``backbone_state_dict()`` is the stage-1 backbone that fine-tuning
-and box-domain pre-training load.
+and box-domain pre-training load. The two views of an image come from
+``TwoCrops(build_moco_v2_transform())`` in ``aligndet/data/transforms.py``.
 """
 from collections import OrderedDict
 
@@ -28,10 +29,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torchvision.transforms import v2 as T
 
 from aligndet.distributed import get_rank, get_world_size
-from aligndet.models.transform import IMAGENET_MEAN, IMAGENET_STD
 
 from .momentum import MomentumUpdater, make_momentum_copy
 
@@ -76,6 +75,7 @@ class MoCo(nn.Module):
         self.register_buffer("queue", F.normalize(torch.randn(dim, queue_size), dim=0))  # [dim, K]
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))  # next column to overwrite
         self._awaiting_momentum_update = False
+        self.weight_dict = {"loss_contrastive": 1.0}
 
     @property
     def backbone_q(self):
@@ -84,6 +84,10 @@ class MoCo(nn.Module):
     def backbone_state_dict(self):
         """The query backbone's weights in torchvision names (no ``fc``): the stage-1 backbone."""
         return self.backbone_q.state_dict()
+
+    def checkpoint_weights(self):
+        """What a stage-1 checkpoint holds: "backbone" (what --init reads) and the whole "model"."""
+        return {"backbone": self.backbone_state_dict(), "model": self.state_dict()}
 
     # ---- encoders and shuffle BN ------------------------------------------
     #
@@ -202,6 +206,10 @@ class MoCo(nn.Module):
         self._awaiting_momentum_update = False
         return self.updater.update(step)
 
+    def after_step(self, step):
+        """What the training loop runs after every optimiser step: the key encoder's EMA."""
+        self.momentum_update(step)
+
 
 # ---- torch.distributed helpers (the key path only: no gradient flows back) --
 
@@ -222,34 +230,3 @@ def _concat_all_gather(x, sizes):
     gathered = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(gathered, padded)
     return torch.cat([g[:n] for g, n in zip(gathered, sizes)])
-
-
-# ---- data ---------------------------------------------------------------------
-
-def build_moco_v2_transform(size=224, scale=(0.2, 1.0), blur=True):
-    """MoCo v2's augmentation (its ``aug_plus``): PIL image -> float tensor
-    [3, size, size], normalised with the ImageNet mean and std. The blur
-    kernel is ~10% of ``size`` (odd, at least 3), as in SimCLR."""
-    kernel = max(3, int(0.1 * size) // 2 * 2 + 1)
-    return T.Compose([
-        T.ToImage(),
-        T.RandomResizedCrop(size, scale=scale, antialias=True),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        *([T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5)] if blur else []),
-        T.RandomHorizontalFlip(),
-        T.ToDtype(torch.float32, scale=True),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        T.ToPureTensor(),
-    ])
-
-
-class TwoCrops:
-    """Two independent draws of ``transform`` on one image: MoCo's query and key views."""
-
-    def __init__(self, transform):
-        self.transform = transform
-
-    def __call__(self, image):
-        return self.transform(image), self.transform(image)
-

@@ -1,5 +1,5 @@
 """The momentum (EMA) copy of a network: AlignDet's momentum detector f_k
-(DESIGN.md section 3.2) and MoCo's key encoder share this.
+(docs/method.md §3.2) and MoCo's key encoder share this.
 
 After every optimiser step, ``theta_k <- m * theta_k + (1 - m) * theta_q`` over
 parameters. By default buffers are copied and ``m`` rises on a half cosine
