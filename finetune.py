@@ -47,16 +47,15 @@ import os
 import sys
 import time
 
-import torch
-
 from aligndet import distributed as dist_utils
 from aligndet.checkpoint import CheckpointError, RunCheckpoint, load_pretrained
-from aligndet.cli import add_run_arguments, runbook_parser
+from aligndet.cli import add_run_arguments, add_step_schedule_arguments, runbook_parser
 from aligndet.data.coco import CocoDetection, collate_fn
 from aligndet.data.demo import DemoDataError, ensure_demo
 from aligndet.data.splits import label_fraction_split
 from aligndet.data.transforms import eval_transforms, train_transforms
-from aligndet.engine import EpochBatches, JsonLog, NonFiniteLossError, evaluate, start_run, step_lr, train_one_epoch
+from aligndet.engine import (EpochBatches, JsonLog, NonFiniteLossError, evaluate, grad_scaler, sgd_step_schedule,
+                             start_run, train_one_epoch)
 from aligndet.evaluation import CocoEvaluator
 from aligndet.models import DETECTORS, build_detector
 from aligndet.presets import PRESET_NAMES, finetune_defaults, model_options
@@ -106,14 +105,7 @@ def get_args_parser():
                         "MoCo / SwAV / DINO / DenseCL checkpoint")
     m.add_argument("--keep-heads", action="store_true", help="with --init, keep the final output layers too")
 
-    o = p.add_argument_group("optimisation (defaults: --preset's)")
-    o.add_argument("--epochs", type=int, help="passes over the (labelled) training set")
-    o.add_argument("--batch-size", type=int, help="images per process per step")
-    o.add_argument("--lr", type=float, help="SGD learning rate for 16 images per step (scaled to the real batch)")
-    o.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    o.add_argument("--weight-decay", type=float, help="SGD weight decay")
-    o.add_argument("--warmup-iters", type=int, help="linear warm-up iterations")
-    o.add_argument("--lr-steps", type=int, nargs="*", help="epochs at which lr is multiplied by 0.1")
+    add_step_schedule_arguments(p, "passes over the (labelled) training set")
 
     r = add_run_arguments(p, "outputs/finetune")
     r.add_argument("--eval-every", type=int, help="evaluate every N epochs (and always after the last)")
@@ -201,19 +193,13 @@ def main(args):
     model_without_ddp = build_model(args, train_set.num_classes, log).to(device)
     model = dist_utils.wrap_ddp(model_without_ddp, device)
 
-    total_batch = args.batch_size * world
-    base_lr = args.lr * total_batch / 16
-    params = [p for p in model_without_ddp.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=base_lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None
     train_batches = EpochBatches(train_set, args.batch_size, args.workers, rank, world, args.seed, shuffle=True,
                                  collate_fn=collate_fn, max_iters=args.max_iters)
     val_batches = EpochBatches(val_set, args.batch_size, args.workers, rank, world, args.seed, shuffle=False,
                                collate_fn=collate_fn)
     iters_per_epoch = len(train_batches)
-
-    def lr_fn(step):
-        return step_lr(step, base_lr, iters_per_epoch, args.warmup_iters, steps=args.lr_steps)
+    optimizer, lr_fn = sgd_step_schedule(model_without_ddp, args, world, iters_per_epoch)
+    scaler = grad_scaler(args.amp)
 
     metrics = []
     checkpoint = RunCheckpoint(args.output_dir, model_without_ddp, optimizer, scaler, args, "finetune",
@@ -230,7 +216,7 @@ def main(args):
 
     log_file = JsonLog(os.path.join(args.output_dir, "log.jsonl"), args.print_freq)
     log(f"training {args.detector} ({args.backbone}) on {len(train_set)} images, {world} process(es), "
-        f"batch {total_batch}, lr {base_lr:g}, {args.epochs} epochs of {iters_per_epoch} iterations")
+        f"batch {args.batch_size * world}, lr {lr_fn.base_lr:g}, {args.epochs} epochs of {iters_per_epoch} iterations")
     for epoch in range(start_epoch, args.epochs):
         t0 = time.time()
         means = train_one_epoch(model, optimizer, train_batches.loader(epoch, start_iter), device, epoch, lr_fn,

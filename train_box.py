@@ -49,18 +49,16 @@ import os
 import sys
 import time
 
-import torch
-
 from aligndet import distributed as dist_utils
 from aligndet.checkpoint import CheckpointError, RunCheckpoint, load_pretrained
-from aligndet.cli import add_run_arguments, runbook_parser
+from aligndet.cli import add_run_arguments, add_step_schedule_arguments, runbook_parser
 from aligndet.data.demo import DemoDataError, ensure_demo
 from aligndet.data.images import list_images
 from aligndet.data.proposal_cache import ProposalCache, ProposalCacheError
 from aligndet.data.proposals import PRESETS as PROPOSAL_PRESETS
 from aligndet.data.proposals import ensure_proposals
 from aligndet.data.views import TwoViewDataset, build_view_transform, two_view_collate
-from aligndet.engine import EpochBatches, JsonLog, NonFiniteLossError, start_run, step_lr, train_one_epoch
+from aligndet.engine import EpochBatches, JsonLog, NonFiniteLossError, grad_scaler, sgd_step_schedule, start_run, train_one_epoch
 from aligndet.models import DETECTORS, build_detector
 from aligndet.presets import BOX_VIEWS, PRESET_NAMES, box_defaults, model_defaults, model_options
 from aligndet.pretrain.box import AlignDet
@@ -98,14 +96,7 @@ def get_args_parser():
                    "retinanet) or per batch (fcos); 0: the official number, 4096 positive RoIs for Faster R-CNN, "
                    "2048 anchors / points for RetinaNet / FCOS")
 
-    o = p.add_argument_group("optimisation (defaults: --preset's)")
-    o.add_argument("--epochs", type=int, help="passes over the unlabelled images")
-    o.add_argument("--batch-size", type=int, help="images per process per step")
-    o.add_argument("--lr", type=float, help="SGD learning rate for 16 images per step (scaled to the real batch)")
-    o.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    o.add_argument("--weight-decay", type=float, help="SGD weight decay")
-    o.add_argument("--warmup-iters", type=int, help="linear warm-up iterations")
-    o.add_argument("--lr-steps", type=int, nargs="*", help="epochs at which lr is multiplied by 0.1")
+    add_step_schedule_arguments(p, "passes over the unlabelled images")
 
     add_run_arguments(p, "outputs/box")
     return p
@@ -169,14 +160,8 @@ def main(args):
                                  args.epochs * iters_per_epoch, num_samples=args.num_samples or None).to(device)
     model = dist_utils.wrap_ddp(model_without_ddp, device)
 
-    total_batch = args.batch_size * world
-    base_lr = args.lr * total_batch / 16
-    params = [p for p in model_without_ddp.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=base_lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None
-
-    def lr_fn(step):
-        return step_lr(step, base_lr, iters_per_epoch, args.warmup_iters, steps=args.lr_steps)
+    optimizer, lr_fn = sgd_step_schedule(model_without_ddp, args, world, iters_per_epoch)
+    scaler = grad_scaler(args.amp)
 
     checkpoint = RunCheckpoint(args.output_dir, model_without_ddp, optimizer, scaler, args, "box",
                                every=args.checkpoint_every, kind="train_box.py", detector=args.detector)
@@ -185,7 +170,7 @@ def main(args):
 
     log_file = JsonLog(os.path.join(args.output_dir, "log.jsonl"), args.print_freq)
     log(f"box-domain pre-training of {args.detector} ({args.backbone}, backbone frozen) on {len(dataset)} images, "
-        f"{world} process(es), batch {total_batch}, lr {base_lr:g}, {args.epochs} epochs of {iters_per_epoch} "
+        f"{world} process(es), batch {args.batch_size * world}, lr {lr_fn.base_lr:g}, {args.epochs} epochs of {iters_per_epoch} "
         f"iterations")
     for epoch in range(start_epoch, args.epochs):
         t0 = time.time()

@@ -61,7 +61,7 @@ from aligndet.data.demo import DemoDataError, ensure_demo
 from aligndet.data.image_folder import ImageFolder, collate_skipping
 from aligndet.data.transforms import (TwoCrops, build_moco_v2_transform, classification_eval_transforms,
                                       classification_train_transforms)
-from aligndet.engine import EpochBatches, JsonLog, NonFiniteLossError, cosine_lr, start_run, train_one_epoch
+from aligndet.engine import EpochBatches, JsonLog, NonFiniteLossError, cosine_lr, grad_scaler, start_run, train_one_epoch
 from aligndet.models.backbone import RESNETS
 from aligndet.models.weights import load_backbone_weights
 from aligndet.pretrain.knn import extract_features, knn_top1
@@ -194,11 +194,15 @@ def build_model(args, num_classes, log):
 class ModelBatches:
     """An epoch's batches as the model's inputs: ``(images, labels)`` for the
     classifier, ``(im_q, im_k)`` for MoCo; counts the unreadable images the
-    collate dropped into ``unreadable`` (a tensor, summed over processes later)."""
+    collate dropped (in data-loading workers, so they travel with the batch)."""
 
-    def __init__(self, loader, method, unreadable):
-        self.loader, self.method, self.unreadable = loader, method, unreadable
+    def __init__(self, loader, method, device):
+        self.loader, self.method = loader, method
+        self.unreadable = torch.zeros((), device=device)
         self.start = loader.start
+
+    def unreadable_over_processes(self):
+        return int(dist_utils.reduce_dict({"n": self.unreadable}, average=False)["n"].item())
 
     def __len__(self):
         return len(self.loader)
@@ -239,19 +243,23 @@ def evaluate_knn(model, bank, val, args, device):
     return knn_top1(bank_features, bank_labels, val_features, val_labels, k=args.knn_k)
 
 
-def evaluate(model, val, bank, args, device, epoch, log):
-    """Top-1 (supervised) or k-NN top-1 (MoCo v2) on ``--val``; None without a val set."""
+def evaluate(model, val, bank, args, device, epoch, history, log):
+    """Top-1 (supervised) or k-NN top-1 (MoCo v2) on ``--val`` (nothing without a val set),
+    appended to ``history`` and written to metrics.json."""
     if val is None:
-        return None
+        return
     t0 = time.time()
     if args.method == "supervised":
         result = {"top1": evaluate_top1(model, val, args, device)}
     else:  # on the main process only (a few forward passes), the others wait
         knn = evaluate_knn(model, bank, val, args, device) if dist_utils.is_main_process() else None
         result = {"knn_top1": dist_utils.all_gather_object(knn)[0]}
+    history.append({"epoch": epoch + 1, **result})
     log(json.dumps({"epoch": epoch + 1, **{k: round(v, 4) for k, v in result.items()},
                     "eval_time": round(time.time() - t0, 1)}))
-    return result
+    if dist_utils.is_main_process():
+        with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
+            json.dump(history, f, indent=1)
 
 
 def build_optimizer(model, args, base_lr):
@@ -266,8 +274,7 @@ def build_optimizer(model, args, base_lr):
 
 def main(args):
     device, rank, world, log = start_run(args)
-    main_proc = dist_utils.is_main_process()
-    resolve_data(args, main_proc)
+    resolve_data(args, dist_utils.is_main_process())
     train, val, bank = build_datasets(args, log)
     model_without_ddp = build_model(args, len(train.classes), log).to(device)
     # MoCo's queue is a buffer, identical on every rank already: no need to broadcast it every step.
@@ -283,7 +290,7 @@ def main(args):
     total_batch = args.batch_size * world
     base_lr = args.lr * total_batch / 256
     optimizer = build_optimizer(model_without_ddp, args, base_lr)
-    scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None
+    scaler = grad_scaler(args.amp)
 
     def lr_fn(step):
         return cosine_lr(step, base_lr, total_iters, warmup_iters)
@@ -302,12 +309,11 @@ def main(args):
         f"{total_batch}, {args.optimizer} lr {base_lr:g}, {args.epochs} epochs of {iters_per_epoch} iterations")
     for epoch in range(start_epoch, args.epochs):
         t0 = time.time()
-        unreadable = torch.zeros((), device=device)
-        epoch_batches = ModelBatches(batches.loader(epoch, start_iter), args.method, unreadable)
+        epoch_batches = ModelBatches(batches.loader(epoch, start_iter), args.method, device)
         means = train_one_epoch(model, optimizer, epoch_batches, device, epoch, lr_fn, scaler, args.amp, log_file,
                                 checkpoint)
         start_iter = 0
-        unreadable = int(dist_utils.reduce_dict({"n": epoch_batches.unreadable}, average=False)["n"].item())
+        unreadable = epoch_batches.unreadable_over_processes()
         if unreadable:
             means["skipped_unreadable_images"] = unreadable
             log(f"epoch {epoch}: {unreadable} unreadable images skipped (named above)")
@@ -315,12 +321,7 @@ def main(args):
                         **{f"train_{k}": v for k, v in means.items()}})
         log(json.dumps({"epoch": epoch, **{k: round(v, 4) for k, v in means.items()}}))
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-            result = evaluate(model_without_ddp, val, bank, args, device, epoch, log)
-            if result is not None:
-                history.append({"epoch": epoch + 1, **result})
-                if main_proc:
-                    with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
-                        json.dump(history, f, indent=1)
+            evaluate(model_without_ddp, val, bank, args, device, epoch, history, log)
         checkpoint.save(epoch + 1)
     log_file.close()
     path = os.path.join(args.output_dir, "checkpoint.pth")

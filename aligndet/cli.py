@@ -47,7 +47,8 @@ class PresetParser(argparse.ArgumentParser):
     def preset_defaults(self, args):
         """The defaults for the preset ``args`` choose (the parser's own defaults under them)."""
         if self._own_defaults is None:  # before any preset was applied
-            self._own_defaults = {a.dest: a.default for a in self._actions if a.dest != argparse.SUPPRESS}
+            self._own_defaults = {a.dest: a.default for a in self._actions
+                                  if argparse.SUPPRESS not in (a.dest, a.default)}  # not --help's
         chooser = argparse.ArgumentParser(add_help=False)
         for action in self._actions:
             if action.dest in self.preset_keys:
@@ -76,6 +77,19 @@ def add_run_arguments(parser, output_dir):
     r.add_argument("--seed", type=int, default=0, help="torch seed (plus the rank); also the data order")
     r.add_argument("--print-freq", type=int, default=20, help="log every N iterations")
     return r
+
+
+def add_step_schedule_arguments(parser, epochs_help):
+    """SGD with a step schedule (train_box.py, finetune.py); ``engine.sgd_step_schedule`` reads them."""
+    o = parser.add_argument_group("optimisation (defaults: --preset's)")
+    o.add_argument("--epochs", type=int, help=epochs_help)
+    o.add_argument("--batch-size", type=int, help="images per process per step")
+    o.add_argument("--lr", type=float, help="SGD learning rate for 16 images per step (scaled to the real batch)")
+    o.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    o.add_argument("--weight-decay", type=float, help="SGD weight decay")
+    o.add_argument("--warmup-iters", type=int, help="linear warm-up iterations")
+    o.add_argument("--lr-steps", type=int, nargs="*", help="epochs at which lr is multiplied by 0.1")
+    return o
 
 
 def runbook_parser(prog, doc, **kwargs):

@@ -58,6 +58,31 @@ def cosine_lr(iteration: int, base_lr: float, total_iters: int, warmup_iters: in
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+class StepLR:
+    """``step_lr`` with fixed settings, as ``train_one_epoch``'s ``lr_fn``."""
+
+    def __init__(self, base_lr, iters_per_epoch, warmup_iters, steps):
+        self.base_lr, self.iters_per_epoch, self.warmup_iters, self.steps = base_lr, iters_per_epoch, warmup_iters, steps
+
+    def __call__(self, iteration):
+        return step_lr(iteration, self.base_lr, self.iters_per_epoch, self.warmup_iters, steps=self.steps)
+
+
+def sgd_step_schedule(model, args, world_size, iters_per_epoch):
+    """SGD over ``model``'s trainable parameters and its ``StepLR``, from the options of
+    ``cli.add_step_schedule_arguments``: ``args.lr`` is per 16 images, scaled linearly to
+    ``args.batch_size x world_size``."""
+    base_lr = args.lr * (args.batch_size * world_size) / 16
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=base_lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    return optimizer, StepLR(base_lr, iters_per_epoch, args.warmup_iters, args.lr_steps)
+
+
+def grad_scaler(amp):
+    """The loss scaler fp16 training needs on CUDA; None otherwise."""
+    return torch.amp.GradScaler("cuda") if amp == "fp16" else None
+
+
 def autocast(device: torch.device, amp: str):
     """Mixed precision on CUDA ("bf16" / "fp16"); a no-op otherwise."""
     if amp == "none" or device.type != "cuda":

@@ -49,6 +49,25 @@ def stage(stages, name, cmd, out, log_path):
     return os.path.join(out, "checkpoint.pth")
 
 
+def print_table(rows, runs, fractions):
+    """AP / AP50 per fraction and fold, the mean over folds, and when (b) reaches (a)'s final AP."""
+    print("\n| labels | fold | " + " | ".join(f"{RUNS[r]} AP / AP50" for r in runs) + " |")
+    print("|---|---|" + "---|" * len(runs))
+    for fraction, fold, results in rows:
+        print(f"| {fraction:.0%} | {fold} | " + " | ".join(
+            f"{results[r][-1]['AP']:.4f} / {results[r][-1]['AP50']:.4f}" for r in runs) + " |")
+    for fraction in fractions:
+        chosen = [results for f, _, results in rows if f == fraction]
+        means = {r: sum(res[r][-1]["AP"] for res in chosen) / len(chosen) for r in runs}
+        print(f"| {fraction:.0%} | mean | " + " | ".join(f"{means[r]:.4f}" for r in runs) + " |")
+    if "a" in runs and "b" in runs:
+        for fraction, fold, results in rows:
+            final_a = results["a"][-1]["AP"]
+            reach = next((m["epoch"] for m in results["b"] if m["AP"] >= final_a), None)
+            print(f"{fraction:.0%} fold {fold}: (b) reaches (a)'s final AP at epoch "
+                  f"{reach if reach is not None else '(not reached)'} of {results['a'][-1]['epoch']}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="outputs/pretrain_gain", help="all runs go here; finished runs are reused")
@@ -94,21 +113,7 @@ def main():
                     panels.setdefault(title, {})[RUNS[name]] = [(m["epoch"], m["AP"]) for m in results[name]]
             rows.append((fraction, fold, results))
 
-    print("\n| labels | fold | " + " | ".join(f"{RUNS[r]} AP / AP50" for r in runs) + " |")
-    print("|---|---|" + "---|" * len(runs))
-    for fraction, fold, results in rows:
-        print(f"| {fraction:.0%} | {fold} | " + " | ".join(
-            f"{results[r][-1]['AP']:.4f} / {results[r][-1]['AP50']:.4f}" for r in runs) + " |")
-    for fraction in args.fractions:
-        chosen = [results for f, _, results in rows if f == fraction]
-        means = {r: sum(res[r][-1]["AP"] for res in chosen) / len(chosen) for r in runs}
-        print(f"| {fraction:.0%} | mean | " + " | ".join(f"{means[r]:.4f}" for r in runs) + " |")
-    if "a" in runs and "b" in runs:
-        for fraction, fold, results in rows:
-            final_a = results["a"][-1]["AP"]
-            reach = next((m["epoch"] for m in results["b"] if m["AP"] >= final_a), None)
-            print(f"{fraction:.0%} fold {fold}: (b) reaches (a)'s final AP at epoch "
-                  f"{reach if reach is not None else '(not reached)'} of {results['a'][-1]['epoch']}")
+    print_table(rows, runs, args.fractions)
     png = os.path.join(w, f"ap_curves{suffix}.png")
     colours = dict(zip(RUNS.values(), [CURVE_COLOURS[i] for i in (0, 1, 3, 2)]))  # (b) orange, as in make demo
     ap_curves_figure(panels, width=max(900, 450 * len(panels)), colours=colours).save(png)

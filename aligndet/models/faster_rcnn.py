@@ -8,7 +8,6 @@ images: list of float [3, H, W] tensors in [0, 1]; targets: list of
 {"boxes": [N, 4] xyxy pixels, "labels": [N] int64 in 1..num_classes}.
 Detections are in the input images' pixel coordinates.
 """
-import torch
 from torch import nn
 from torchvision.ops import MultiScaleRoIAlign
 

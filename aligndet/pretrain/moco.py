@@ -16,7 +16,9 @@ until the key encoder has been updated, so step 4 cannot be forgotten)::
     out = model(im_q, im_k)                        # 1. loss + logged stats, enqueues the keys
     out["loss_contrastive"].backward()             # 2.
     optimizer.step()                               # 3.
-    model_without_ddp.momentum_update(step)        # 4. key encoder <- EMA of the query encoder
+    model_without_ddp.after_step(step)             # 4. key encoder <- EMA of the query encoder
+
+(``aligndet.engine.train_one_epoch`` runs exactly this).
 
 The queue and its pointer are buffers, so ``state_dict()`` carries them into
 checkpoints; ``backbone_state_dict()`` is the stage-1 backbone that fine-tuning
@@ -161,11 +163,11 @@ class MoCo(nn.Module):
         (mean cosines of q with its key and with the queue).
 
         In training mode the keys are then enqueued, and the next training
-        forward waits for ``momentum_update``; eval mode leaves the queue alone.
+        forward waits for ``after_step`` / ``momentum_update``; eval mode leaves the queue alone.
         """
         if self.training:
             if self._awaiting_momentum_update:
-                raise RuntimeError("MoCo: call momentum_update(step) after every optimiser step, "
+                raise RuntimeError("MoCo: call after_step(step) (momentum_update) after every optimiser step, "
                                    "before the next training forward")
             self._awaiting_momentum_update = True
         q = self.encode_queries(im_q)  # [B, dim]
