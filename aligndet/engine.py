@@ -62,7 +62,8 @@ class StepLR:
     """``step_lr`` with fixed settings, as ``train_one_epoch``'s ``lr_fn``."""
 
     def __init__(self, base_lr, iters_per_epoch, warmup_iters, steps):
-        self.base_lr, self.iters_per_epoch, self.warmup_iters, self.steps = base_lr, iters_per_epoch, warmup_iters, steps
+        self.base_lr, self.iters_per_epoch = base_lr, iters_per_epoch
+        self.warmup_iters, self.steps = warmup_iters, steps
 
     def __call__(self, iteration):
         return step_lr(iteration, self.base_lr, self.iters_per_epoch, self.warmup_iters, steps=self.steps)

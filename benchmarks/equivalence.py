@@ -59,8 +59,7 @@ def compare(detector, setting):
           f"max |d box| {box_diff:.2e} px, max |d score| {score_diff:.2e}, labels equal {labels_equal}", flush=True)
 
     # Training losses at the resized size, so that neither model resizes.
-    scale = min(cfg["options"]["min_size"][-1] / min(cfg["image_size"]),
-                cfg["options"]["max_size"] / max(cfg["image_size"]))
+    scale = min(ours.transform.min_size[-1] / min(cfg["image_size"]), ours.transform.max_size / max(cfg["image_size"]))
     size = [round(s * scale) for s in cfg["image_size"]]
     images, targets = make_inputs(cfg["batch"], size, cfg["num_classes"], seed=1)
     ours.train(), theirs.train()

@@ -65,3 +65,42 @@ def test_report_prints_the_table_and_draws_the_curves(tmp_path):
     # Both runs are drawn in their own colour.
     colours = {tuple(int(v) for v in px) for px in np.asarray(image.convert("RGB")).reshape(-1, 3)}
     assert (70, 110, 170) in colours and (230, 120, 20) in colours
+
+
+def test_gain_benchmark_runs_each_stage_once_and_both_arms_on_one_schedule(tmp_path, monkeypatch, capsys):
+    """benchmarks/pretrain_gain.py shares the stage runner: stage 1 and stage 2 once, then (a) and (b)
+    on every fold with the same fine-tuning arguments; a second call reuses everything."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.syspath_prepend(os.path.join(root, "benchmarks"))
+    import pretrain_gain
+
+    calls = []
+
+    def fake_call(argv, cwd, stdout=None, stderr=None):
+        argv = argv[1:]
+        calls.append(argv)
+        out = argv[argv.index("--output-dir") + 1]
+        os.makedirs(out, exist_ok=True)
+        metrics = ([{"epoch": 8, "top1": 0.8}] if argv[0] == "train_image.py"
+                   else [{"epoch": e, "AP": e / 100, "AP50": e / 50} for e in (5, 10, 15, 20)])
+        json.dump(metrics, open(os.path.join(out, "metrics.json"), "w"))
+        return 0
+
+    monkeypatch.setattr(pipeline.subprocess, "call", fake_call)
+    monkeypatch.chdir(os.getcwd())  # main() moves to the repository root; restored afterwards
+    argv = ["pretrain_gain.py", "--workdir", str(tmp_path / "gain"), "--runs", "a", "b", "--fractions", "0.1"]
+    monkeypatch.setattr("sys.argv", argv)
+    pretrain_gain.main()
+    assert [c[0] for c in calls] == ["train_image.py", "train_box.py"] + ["finetune.py"] * 4
+    box = calls[1]
+    assert box[box.index("--init") + 1] == os.path.join(str(tmp_path / "gain"), "stage1_sup", "checkpoint.pth")
+    for a, b in ((calls[2], calls[3]), (calls[4], calls[5])):  # folds 0 and 1
+        assert a[:a.index("--init")] == b[:b.index("--init")]
+        assert a[a.index("--init") + 1].endswith(os.path.join("stage1_sup", "checkpoint.pth"))
+        assert b[b.index("--init") + 1].endswith(os.path.join("stage2", "checkpoint.pth"))
+    assert [c[c.index("--fold") + 1] for c in calls[2:]] == ["0", "0", "1", "1"]
+    assert "| 10% | mean | 0.2000 | 0.2000 |" in capsys.readouterr().out
+
+    calls.clear()
+    pretrain_gain.main()
+    assert calls == []  # every stage was recorded as finished

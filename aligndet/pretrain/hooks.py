@@ -13,11 +13,11 @@ here, not in the detectors, so that a detector copied out for supervised
 training carries no pre-training code; they only call what every detector
 already has for supervised training (its matcher, box coder, heads).
 
-| detector            | predictions          | rule (native)                      | kept for L_con           | embedding head          |
-|---------------------|----------------------|------------------------------------|--------------------------|-------------------------|
-| Faster R-CNN        | RPN RoIs + proposals | max IoU >= 0.5, no background      | 4096 positives per image | MLP on the box feature  |
-| RetinaNet           | anchors P3-P7        | ``RetinaNet.match`` (IoU 0.5 / 0.4)| 2048 per image           | 1x1 convs on cls tower  |
-| FCOS                | points P3-P7         | ``FCOS.match`` (the FCOS rule)     | 2048 per batch           | 1x1 convs on cls tower  |
+| detector     | predictions          | native rule                    | kept for L_con      | embedding head     |
+|--------------|----------------------|--------------------------------|---------------------|--------------------|
+| Faster R-CNN | RPN RoIs + proposals | max IoU >= 0.5, no background  | 4096 pos. per image | MLP on box feature |
+| RetinaNet    | anchors P3-P7        | ``RetinaNet.match`` 0.5 / 0.4  | 2048 per image      | 1x1 convs, cls     |
+| FCOS         | points P3-P7         | ``FCOS.match`` (FCOS rule)     | 2048 per batch      | 1x1 convs, cls     |
 
 ``AlignDet`` (``box.py``) finds a detector's hook with ``hook_for(detector)``.
 """
