@@ -137,7 +137,7 @@ def build_dataset(args, main_proc):
 def build_detector_to_pretrain(args, log):
     """The detector of finetune.py's architecture for ``--preset`` / ``--detector``, one class ("object"),
     with the stage-1 backbone of ``--init``."""
-    options = model_options(args.detector, {**model_defaults(args.detector, args.preset)})
+    options = model_options(args.detector, model_defaults(args.detector, args.preset))
     if args.init:
         options["backbone_weights"] = None  # replaced by --init below
     detector = build_detector(args.detector, 1, backbone=args.backbone, **options)

@@ -61,7 +61,8 @@ from aligndet.data.demo import DemoDataError, ensure_demo
 from aligndet.data.image_folder import ImageFolder, collate_skipping
 from aligndet.data.transforms import (TwoCrops, build_moco_v2_transform, classification_eval_transforms,
                                       classification_train_transforms)
-from aligndet.engine import EpochBatches, JsonLog, NonFiniteLossError, cosine_lr, grad_scaler, start_run, train_one_epoch
+from aligndet.engine import (EpochBatches, EpochLoader, JsonLog, NonFiniteLossError, cosine_lr, grad_scaler, start_run,
+                             train_one_epoch)
 from aligndet.models.backbone import RESNETS
 from aligndet.models.weights import load_backbone_weights
 from aligndet.pretrain.knn import extract_features, knn_top1
@@ -191,26 +192,14 @@ def build_model(args, num_classes, log):
                 temperature=args.temperature, shuffle_splits=args.shuffle_splits)
 
 
-class ModelBatches:
-    """An epoch's batches as the model's inputs: ``(images, labels)`` for the
-    classifier, ``(im_q, im_k)`` for MoCo; counts the unreadable images the
-    collate dropped (in data-loading workers, so they travel with the batch)."""
-
-    def __init__(self, loader, method, device):
-        self.loader, self.method = loader, method
-        self.unreadable = torch.zeros((), device=device)
-        self.start = loader.start
-
-    def unreadable_over_processes(self):
-        return int(dist_utils.reduce_dict({"n": self.unreadable}, average=False)["n"].item())
-
-    def __len__(self):
-        return len(self.loader)
-
-    def __iter__(self):
-        for images, labels, skipped in self.loader:
-            self.unreadable += skipped
-            yield (images, labels) if self.method == "supervised" else tuple(images)
+def model_inputs(batches, method, unreadable):
+    """``batches`` of ``collate_skipping`` as the model's inputs: ``(images, labels)`` for
+    the classifier, ``(im_q, im_k)`` for MoCo. Adds the unreadable images the collate
+    dropped (in the data-loading workers, so the count travels with the batch) to
+    the tensor ``unreadable``."""
+    for images, labels, skipped in batches:
+        unreadable += skipped
+        yield (images, labels) if method == "supervised" else tuple(images)
 
 
 def eval_loader(dataset, args, shard=(0, 1)):
@@ -309,11 +298,11 @@ def main(args):
         f"{total_batch}, {args.optimizer} lr {base_lr:g}, {args.epochs} epochs of {iters_per_epoch} iterations")
     for epoch in range(start_epoch, args.epochs):
         t0 = time.time()
-        epoch_batches = ModelBatches(batches.loader(epoch, start_iter), args.method, device)
-        means = train_one_epoch(model, optimizer, epoch_batches, device, epoch, lr_fn, scaler, args.amp, log_file,
-                                checkpoint)
+        loader, unreadable = batches.loader(epoch, start_iter), torch.zeros((), device=device)
+        inputs = EpochLoader(model_inputs(loader, args.method, unreadable), loader.start, len(loader))
+        means = train_one_epoch(model, optimizer, inputs, device, epoch, lr_fn, scaler, args.amp, log_file, checkpoint)
         start_iter = 0
-        unreadable = epoch_batches.unreadable_over_processes()
+        unreadable = int(dist_utils.reduce_dict({"n": unreadable}, average=False)["n"].item())
         if unreadable:
             means["skipped_unreadable_images"] = unreadable
             log(f"epoch {epoch}: {unreadable} unreadable images skipped (named above)")

@@ -177,14 +177,15 @@ class RunCheckpoint:
         every: also save every N iterations inside an epoch (0: per epoch only);
             ``engine.train_one_epoch`` calls ``save`` then.
         expect: entries a checkpoint must have to be resumed here besides its
-            ``stage``; ``kind`` names such a checkpoint in the refusal of another.
+            ``stage``; ``kind`` names such a checkpoint in the refusal of another
+            (default: its stage).
     """
 
-    def __init__(self, output_dir, model, optimizer, scaler, args, stage, every=0, expect=None, kind="this script's",
+    def __init__(self, output_dir, model, optimizer, scaler, args, stage, every=0, expect=None, kind=None,
                  **fields):
         self.output_dir, self.model, self.optimizer, self.scaler = output_dir, model, optimizer, scaler
         self.args, self.stage, self.every = args, stage, every
-        self.expect, self.kind = {"stage": stage, **(expect or {})}, kind
+        self.expect, self.kind = {"stage": stage, **(expect or {})}, kind or f"stage-{stage!r}"
         self.fields = fields
 
     def save(self, epoch, iteration=0, name=CHECKPOINT_NAME):

@@ -113,7 +113,7 @@ def model_options(detector, values):
             if value is not None:
                 raise ValueError(f"--{key.replace('_', '-')} does not apply to {detector}")
             continue
-        if value in ("none", "None", "") and key == "backbone_weights":
+        if key == "backbone_weights" and value in ("none", "None", ""):
             value = None
         options[key] = tuple(value) if isinstance(value, list) else value
     return options

@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from aligndet.convert import to_torchvision  # noqa: E402
+from aligndet.engine import weighted_loss  # noqa: E402
 from aligndet.models import build_detector  # noqa: E402
 from aligndet.models import DETECTORS  # noqa: E402
 from aligndet.presets import box_defaults, model_defaults, model_options  # noqa: E402
@@ -193,7 +194,7 @@ def bench_pretrain(detector, setting, repeats, warmup, device, amp):
         def run():
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 out = loss_fn()
-            loss = sum(v * model.weight_dict[k] for k, v in out.items() if k.startswith("loss"))
+            loss = weighted_loss(out, model.weight_dict)[0]  # as the training loop sums the terms
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -116,7 +116,7 @@ def test_loop_weights_losses_calls_after_step_and_caps_iterations(tmp_path):
     RunCheckpoint(str(tmp_path), resumed, torch.optim.SGD(resumed.parameters(), lr=0.01), None, args,
                   "toy").resume("auto", log=lambda *a: None)
     assert torch.equal(resumed.linear.weight, saved["model"]["linear.weight"])
-    with pytest.raises(Exception, match="not a this script's checkpoint"):
+    with pytest.raises(Exception, match="not a stage-'other' checkpoint \\(stage 'toy'\\)"):
         RunCheckpoint(str(tmp_path), resumed, optimizer, None, args, "other").resume("auto", log=lambda *a: None)
 
 

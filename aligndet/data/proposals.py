@@ -324,7 +324,6 @@ def resolve_build_args(args):
         args.images, json_file, out = DEMO_SPLITS[args.demo_split]
         args.json = args.json or json_file
         args.out = args.out or out
-        args.preset = args.preset or "demo"
     if args.out is None:
         raise ValueError("--out is required with --images")
     return {key: getattr(args, key) for key in SETTINGS}  # the preset's, or the flags given

@@ -16,8 +16,8 @@ import logging
 import torch
 from torch import nn
 
-from .losses import box_contrastive
 from .hooks import hook_for
+from .losses import box_contrastive
 from .momentum import MomentumUpdater, make_momentum_copy
 
 logger = logging.getLogger(__name__)

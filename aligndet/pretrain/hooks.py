@@ -21,6 +21,7 @@ already has for supervised training (its matcher, box coder, heads).
 
 ``AlignDet`` (``box.py``) finds a detector's hook with ``hook_for(detector)``.
 """
+from functools import partial
 from typing import Callable, NamedTuple
 
 import torch
@@ -163,16 +164,13 @@ class BoxDomainHook(NamedTuple):
     num_samples: int
 
 
-def _dense_per_batch(*args, **kwargs):
-    return dense_box_domain(*args, **kwargs, per_image=False)
-
-
 DENSE_CLASSIFIER = ("head.classification_head.cls_logits.",)
 HOOKS = {
     FasterRCNN: BoxDomainHook(faster_rcnn_embedding_head, faster_rcnn_box_domain,
                               ("roi_heads.box_predictor.cls_score.",), 4096),
     RetinaNet: BoxDomainHook(dense_embedding_head, dense_box_domain, DENSE_CLASSIFIER, 2048),  # per image
-    FCOS: BoxDomainHook(dense_embedding_head, _dense_per_batch, DENSE_CLASSIFIER, 2048),  # per batch (official)
+    FCOS: BoxDomainHook(dense_embedding_head, partial(dense_box_domain, per_image=False),  # per batch (official)
+                        DENSE_CLASSIFIER, 2048),
 }
 
 
