@@ -34,18 +34,16 @@ def _pairs(q, q_ids, k, k_ids, temperature):
     has_key = torch.isin(q_ids, k_ids)             # [Nq]
     keys = torch.cat([k, q_det])                   # [Nk + Nq, D]
     key_ids = torch.cat([k_ids, torch.where(has_key, torch.full_like(q_ids, -1), q_ids)])
-    positive = (q_ids[:, None] == key_ids[None, :]) & (q_ids[:, None] >= 0)  # [Nq, Nk + Nq]
-    query, key = positive.nonzero(as_tuple=True)   # [P], [P]
-    del positive  # the [Nq, N] tensors below are the peak of memory: free what is not needed first
+    pos_mask = (q_ids[:, None] == key_ids[None, :]) & (q_ids[:, None] >= 0)  # [Nq, Nk + Nq]
 
     bank = torch.cat([q_det, k])                   # negatives come from both views
     bank_ids = torch.cat([q_ids, k_ids])
-    same = q_ids[:, None] == bank_ids[None, :]     # [Nq, Nq + Nk]: not negatives of the query
-    neg_logits = (q @ bank.t() / temperature).masked_fill_(same, float("-inf"))  # in place: one matrix, not two
-    del same
+    neg_mask = q_ids[:, None] != bank_ids[None, :]  # [Nq, Nq + Nk]
+    neg_logits = (q @ bank.t() / temperature).masked_fill(~neg_mask, float("-inf"))
     neg_lse = torch.logsumexp(neg_logits, dim=1)   # [Nq], -inf when a query has no negatives
-    max_neg = neg_logits.detach().max(dim=1).values if bank.numel() else neg_lse
+    max_neg = neg_logits.max(dim=1).values if bank.numel() else neg_lse
 
+    query, key = pos_mask.nonzero(as_tuple=True)   # [P], [P]
     pos = (q[query] * keys[key]).sum(dim=1) / temperature
     # Weight 1 / (|Q_i| |K_i| |I|): the mean over an instance's pairs, then over instances.
     ids, inverse, pairs_per_id = torch.unique(q_ids[query], return_inverse=True, return_counts=True)
