@@ -18,7 +18,6 @@ import train_box
 from aligndet.checkpoint import load_checkpoint, load_pretrained
 from aligndet.data.images import list_images
 from aligndet.engine import NonFiniteLossError
-from aligndet.pretrain.losses import box_contrastive
 from conftest import squares_views, write_squares_coco
 from test_box_pretrain import CPU, NUM_SAMPLES, box_step, loss_sum, small_aligndet, small_detector
 
@@ -134,8 +133,8 @@ def test_train_box_resume_and_finetune_scripts(tmp_path):
 
 def test_nonfinite_loss_stops_training(tmp_path, monkeypatch):
     paths = write_squares_coco(str(tmp_path / "data"), num_images=4, size=64)
-    monkeypatch.setattr("aligndet.pretrain.box.box_contrastive",
-                        lambda q, *a, **k: (q.sum() * float("nan"), box_contrastive(q, *a, **k)[1]))
+    monkeypatch.setattr("aligndet.pretrain.box.box_contrastive_loss",
+                        lambda q, *a, **k: q.sum() * float("nan"))
     args = train_box.get_args_parser().parse_args(_train_box_args(paths, tmp_path, "--epochs", "1",
                                                                   "--max-iters", "2"))
     with pytest.raises(NonFiniteLossError) as info:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .hooks import hook_for
-from .losses import box_contrastive
+from .losses import box_contrastive_loss, box_contrastive_stats
 from .momentum import MomentumUpdater, make_momentum_copy
 
 logger = logging.getLogger(__name__)
@@ -85,7 +85,8 @@ class AlignDet(nn.Module):
         q = self._branch(self.online, self.online_embed, views1)
         with torch.no_grad():
             k = self._branch(self.momentum, self.momentum_embed, views2)
-        loss_con, stats = box_contrastive(q["embeddings"], q["ids"], k["embeddings"], k["ids"], self.temperature)
+        loss_con = box_contrastive_loss(q["embeddings"], q["ids"], k["embeddings"], k["ids"], self.temperature)
+        stats = box_contrastive_stats(q["embeddings"], q["ids"], k["embeddings"], k["ids"], self.temperature)
         if stats["instances"] == 0:
             images = [m.get("image_id") for m in metas] if metas else "?"
             logger.warning("no prediction matched a proposal in this batch (images %s): contrastive loss set to 0",

@@ -51,26 +51,15 @@ def _pairs(q, q_ids, k, k_ids, temperature):
     return pos, neg_lse[query], max_neg[query], weight, ids
 
 
-def box_contrastive(q, q_ids, k, k_ids, temperature=0.5):
-    """L_con and the statistics the log shows next to it, from one pass over the
-    similarities: ``(loss, stats)`` as ``box_contrastive_loss`` and
-    ``box_contrastive_stats`` return them (the training step needs both)."""
-    pos, neg_lse, max_neg, weight, ids = _pairs(q, q_ids, k, k_ids, temperature)
-    loss = q.sum() * 0.0 if pos.numel() == 0 else (F.softplus(neg_lse - pos) * weight).sum()
-    with torch.no_grad():
-        hits = (pos > max_neg).to(weight.dtype) * weight
-        stats = {"accuracy": float(hits.sum()) if pos.numel() else 0.0, "instances": float(len(ids)),
-                 "matched_instances": float(torch.isin(ids, k_ids).sum()),
-                 "queries": float((q_ids >= 0).sum())}
-    return loss, stats
-
-
 def box_contrastive_loss(q, q_ids, k, k_ids, temperature=0.5):
     """L_con (module docstring) for online embeddings ``q`` [Nq, D] and momentum
     embeddings ``k`` [Nk, D] (normalised here) with int64 instance ids, -1 =
     background. Gradient flows into ``q`` only. Returns a scalar; exactly 0
     (still attached to ``q``) when no online prediction has an instance."""
-    return box_contrastive(q, q_ids, k, k_ids, temperature)[0]
+    pos, neg_lse, _, weight, _ = _pairs(q, q_ids, k, k_ids, temperature)
+    if pos.numel() == 0:
+        return q.sum() * 0.0
+    return (F.softplus(neg_lse - pos) * weight).sum()
 
 
 @torch.no_grad()
@@ -78,4 +67,8 @@ def box_contrastive_stats(q, q_ids, k, k_ids, temperature=0.5):
     """What the log shows next to L_con: ``accuracy`` (positive ranked above every
     negative, weighted like the loss), ``instances`` among the online predictions,
     ``matched_instances`` (also in the momentum view), ``queries``."""
-    return box_contrastive(q, q_ids, k, k_ids, temperature)[1]
+    pos, _, max_neg, weight, ids = _pairs(q, q_ids, k, k_ids, temperature)
+    accuracy = float(((pos > max_neg).to(weight.dtype) * weight).sum()) if pos.numel() else 0.0
+    return {"accuracy": accuracy, "instances": float(len(ids)),
+            "matched_instances": float(torch.isin(ids, k_ids).sum()),
+            "queries": float((q_ids >= 0).sum())}
