@@ -92,6 +92,18 @@ def get_args_parser():
     m.add_argument("--embed-dim", type=int, default=256, help="embedding width D")
     m.add_argument("--temperature", type=float, default=0.5, help="tau of the contrastive loss")
     m.add_argument("--base-momentum", type=float, default=0.996, help="EMA momentum at the start (cosine to 1)")
+    m.add_argument("--embed-kernel", type=int, choices=[1, 3], default=1,
+                   help="retinanet / fcos: kernel of the embedding head's first conv (the official code: 3)")
+    m.add_argument("--embed-init-std", type=float,
+                   help="retinanet / fcos: N(0, std) init of the embedding head (the official code: 0.01); "
+                        "default PyTorch's")
+    m.add_argument("--cls-centerness", action="store_true",
+                   help="fcos: a stage-2-only centerness branch on the classification tower, trained by BCE as "
+                        "the official head's (which sits there); dropped at fine-tuning")
+    m.add_argument("--bn-stats", choices=["stage1", "scenes"], default="stage1",
+                   help="batch-norm statistics of the frozen backbone: stage 1's as they are (the official "
+                        "code), or recomputed on --bn-batches batches of the unlabelled views before training")
+    m.add_argument("--bn-batches", type=int, default=50, help="batches for --bn-stats scenes")
     m.add_argument("--num-samples", type=int, help="predictions kept for the contrastive loss, per image (faster_rcnn, "
                    "retinanet) or per batch (fcos); 0: the official number, 4096 positive RoIs for Faster R-CNN, "
                    "2048 anchors / points for RetinaNet / FCOS")
@@ -148,6 +160,22 @@ def build_detector_to_pretrain(args, log):
     return detector
 
 
+def embedding_head_options(args):
+    """The embedding-head flags that differ from their defaults (only the dense detectors have them)."""
+    options = {}
+    if args.embed_kernel != 1:
+        options["kernel_size"] = args.embed_kernel
+    if args.embed_init_std is not None:
+        options["init_std"] = args.embed_init_std
+    if args.cls_centerness:
+        if args.detector != "fcos":
+            raise ValueError(f"--cls-centerness is for --detector fcos, not {args.detector}")
+        options["centerness"] = True
+    if options and args.detector == "faster_rcnn":
+        raise ValueError("--embed-kernel and --embed-init-std are for the dense detectors (retinanet, fcos)")
+    return options
+
+
 def main(args):
     device, rank, world, log = start_run(args)
     main_proc = dist_utils.is_main_process()
@@ -157,7 +185,8 @@ def main(args):
                            collate_fn=two_view_collate, max_iters=args.max_iters)
     iters_per_epoch = len(batches)
     model_without_ddp = AlignDet(detector, args.embed_dim, args.temperature, args.base_momentum,
-                                 args.epochs * iters_per_epoch, num_samples=args.num_samples or None).to(device)
+                                 args.epochs * iters_per_epoch, num_samples=args.num_samples or None,
+                                 head_options=embedding_head_options(args)).to(device)
     model = dist_utils.wrap_ddp(model_without_ddp, device)
 
     optimizer, lr_fn = sgd_step_schedule(model_without_ddp, args, world, iters_per_epoch)
@@ -168,6 +197,10 @@ def main(args):
     resumed = checkpoint.resume(args.resume, log)
     start_epoch, start_iter = resumed.get("epoch", 0), resumed.get("iteration", 0)
 
+    if args.bn_stats == "scenes" and not resumed:
+        used = model_without_ddp.recalibrate_batch_norm(batches.loader(0, 0), args.bn_batches, device)
+        log(f"backbone batch-norm statistics recomputed on {used} batches of unlabelled views"
+            if used else "--bn-stats scenes: the backbone has no batch-norm layers; nothing recomputed")
     log_file = JsonLog(os.path.join(args.output_dir, "log.jsonl"), args.print_freq)
     log(f"box-domain pre-training of {args.detector} ({args.backbone}, backbone frozen) on {len(dataset)} images, "
         f"{world} process(es), batch {args.batch_size * world}, lr {lr_fn.base_lr:g}, {args.epochs} epochs of {iters_per_epoch} "

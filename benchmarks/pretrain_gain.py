@@ -17,11 +17,26 @@ writes a PNG of AP against fine-tuning epoch.
     python benchmarks/pretrain_gain.py                           # every fraction (a few hours)
     python benchmarks/pretrain_gain.py --runs a b --fractions 0.1  # a subset of the runs
     python benchmarks/pretrain_gain.py --detector fcos --runs a b --fractions 0.1  # RetinaNet / FCOS
+
+Ablations: ``--tag NAME`` names a variant; its stage 2 and fine-tuning runs get
+their own folders in the same workdir, next to the shared stage 1 and the
+untagged (a) runs. ``--box-args`` changes stage 2 (then (a) is reused);
+``--finetune-args`` changes fine-tuning of every run (then (a) is re-run under
+the tag too). Each run appends a line to ``ablation.jsonl`` in the workdir:
+tag, detector, per-fold AP of (a) and (b), gain, stage 2's final contrastive
+top-1 and matched instances, and minutes.
+
+    python benchmarks/pretrain_gain.py --detector retinanet --runs a b --fractions 0.1 \
+        --tag samples2048 --box-args="--num-samples 2048"
+    python benchmarks/pretrain_gain.py --detector retinanet --runs a b --fractions 0.1 \
+        --tag recipe --finetune-args="--lr 0.03 --weight-decay 5e-5"
 """
 import argparse
 import json
 import os
+import shlex
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -35,10 +50,11 @@ RUNS = {"c": "(c) no pre-training", "a": "(a) stage 1 (supervised)", "d": "(d) s
         "b": "(b) stage 1 + stage 2 (AlignDet)"}
 
 
-def finetune(stages, init, out, fraction, fold, seed, detector):
+def finetune(stages, init, out, fraction, fold, seed, detector, extra=()):
     epochs, steps, every, _ = SCHEDULES[fraction]
     stages.run(os.path.basename(out), f"fine-tune {out}", finetune_command(detector, init, out, fraction, seed, epochs,
-                                                                           steps, every, fold), out + ".log")
+                                                                           steps, every, fold) + list(extra),
+               out + ".log")
     return json.load(open(os.path.join(out, "metrics.json")))
 
 
@@ -68,6 +84,27 @@ def print_table(rows, runs, fractions):
                   f"{reach if reach is not None else '(not reached)'} of {results['a'][-1]['epoch']}")
 
 
+def record_ablation(workdir, args, rows, stage2_dir):
+    """One line of ablation.jsonl: the variant, its gains per fold and stage 2's last epoch."""
+    log = os.path.join(stage2_dir, "log.jsonl")
+    epochs = [json.loads(line) for line in open(log) if '"epoch_time"' in line] if os.path.exists(log) else []
+    last = epochs[-1] if epochs else {}
+    for fraction in args.fractions:
+        folds = [(fold, res["a"][-1]["AP"], res["b"][-1]["AP"]) for f, fold, res in rows if f == fraction]
+        gains = [b - a for _, a, b in folds]
+        record = {"tag": args.tag or "default", "detector": args.detector, "fraction": fraction,
+                  "box_args": args.box_args, "finetune_args": args.finetune_args,
+                  "folds": {fold: {"a": a, "b": b} for fold, a, b in folds},
+                  "gain": sum(gains) / len(gains),
+                  "contrastive_top1": last.get("train_contrastive_accuracy"),
+                  "matched_instances": last.get("train_matched_instances"),
+                  "stage2_minutes": sum(e["epoch_time"] for e in epochs) / 60, "date": time.strftime("%Y-%m-%d")}
+        with open(os.path.join(workdir, "ablation.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(f"ablation {record['tag']} ({args.detector}, {fraction:.0%}): gain {record['gain'] * 100:+.1f} AP, "
+              f"contrastive top-1 {record['contrastive_top1']}, stage 2 {record['stage2_minutes']:.1f} min", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="outputs/pretrain_gain", help="all runs go here; finished runs are reused")
@@ -76,13 +113,19 @@ def main():
     p.add_argument("--detector", choices=["faster_rcnn", "retinanet", "fcos"], default="faster_rcnn",
                    help="stage 2 and fine-tuning of this detector; stage 1 is shared by all in one --workdir")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--box-args", nargs=argparse.REMAINDER, default=[], help="extra train_box.py arguments")
+    p.add_argument("--box-args", type=shlex.split, default=[],
+                   help='extra train_box.py arguments, one quoted string: --box-args="--num-samples 2048"')
+    p.add_argument("--finetune-args", type=shlex.split, default=[],
+                   help="extra finetune.py arguments for every run, one quoted string")
+    p.add_argument("--tag", default="", help="name of this variant: its runs get their own folders")
     args = p.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
     os.chdir(ROOT)
     w, seed = args.workdir, ["--seed", str(args.seed)]
     stages = Stages(w)
     suffix = "" if args.detector == "faster_rcnn" else "_" + args.detector  # one workdir holds every detector
+    tag = f"_{args.tag}" if args.tag else ""
+    box_tag = tag if args.box_args else ""  # a variant of fine-tuning only reuses the untagged stage 2
     inits = {"c": None}
     if {"a", "b"} & set(args.runs):
         inits["a"] = stage(stages, "stage 1 (supervised)", ["train_image.py", *seed], os.path.join(w, "stage1_sup"),
@@ -97,7 +140,7 @@ def main():
     if "b" in args.runs:
         inits["b"] = stage(stages, "stage 2 (train_box.py)", ["train_box.py", "--detector", args.detector, "--init", inits["a"],
                                                       *seed, *args.box_args],
-                           os.path.join(w, "stage2" + suffix), os.path.join(w, f"stage2{suffix}.log"))
+                           os.path.join(w, "stage2" + suffix + box_tag), os.path.join(w, f"stage2{suffix}{box_tag}.log"))
 
     runs = [r for r in RUNS if r in args.runs]
     rows, panels = [], {}
@@ -105,8 +148,11 @@ def main():
         for fold in SCHEDULES[fraction][3]:
             results = {}
             for name in runs:
-                out = os.path.join(w, f"ft_{name}_{fraction:g}_fold{fold}{suffix}")
-                results[name] = finetune(stages, inits[name], out, fraction, fold, args.seed, args.detector)
+                # A run is shared with the untagged one unless the tag changes it.
+                changed = args.finetune_args or (name == "b" and args.box_args)
+                out = os.path.join(w, f"ft_{name}_{fraction:g}_fold{fold}{suffix}{tag if changed else ''}")
+                results[name] = finetune(stages, inits[name], out, fraction, fold, args.seed, args.detector,
+                                         args.finetune_args)
                 print(f"fraction {fraction:g} fold {fold} {RUNS[name]}: AP {results[name][-1]['AP']:.4f}", flush=True)
                 if fold == SCHEDULES[fraction][3][0]:
                     title = f"{args.detector}, {fraction:.0%} labels, fold {fold}: AP vs fine-tuning epoch"
@@ -114,6 +160,8 @@ def main():
             rows.append((fraction, fold, results))
 
     print_table(rows, runs, args.fractions)
+    if "a" in runs and "b" in runs:
+        record_ablation(w, args, rows, os.path.join(w, "stage2" + suffix + box_tag))
     png = os.path.join(w, f"ap_curves{suffix}.png")
     colours = dict(zip(RUNS.values(), [CURVE_COLOURS[i] for i in (0, 1, 3, 2)]))  # (b) orange, as in make demo
     ap_curves_figure(panels, width=max(900, 450 * len(panels)), colours=colours).save(png)

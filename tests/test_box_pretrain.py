@@ -324,3 +324,30 @@ def test_transform_without_resize_keeps_sizes_and_boxes():
         assert not padded.any()
         assert torch.equal(out[i]["boxes"], targets[i]["boxes"])
         assert torch.equal(out[i]["ids"], targets[i]["ids"])
+
+
+def test_batch_norm_recalibration_uses_the_views_and_keeps_weights():
+    """--bn-stats scenes: the frozen backbone's statistics become averages over the
+    views of the given batches; weights, momenta and eval mode are as before."""
+    model = small_aligndet()
+    model.train()
+    body = model.body
+    weights = {k: v.clone() for k, v in body.state_dict().items() if "running" not in k and "num_batches" not in k}
+    before = body.bn1.running_mean.clone()
+    batches = [squares_views(num_images=2, seed=s) for s in range(3)]
+
+    # By hand: bn1 normalises conv1's output; its cumulative mean over the 2 x 2 forwards used.
+    means = []
+    with torch.no_grad():
+        for views1, views2, _ in batches[:2]:
+            for views in (views1, views2):
+                batch = model.online.transform([v["image"] for v in views], resize=False)[0]
+                means.append(body.conv1(batch).mean(dim=(0, 2, 3)))
+    used = model.recalibrate_batch_norm(iter(batches), 2, torch.device("cpu"))
+    assert used == 2
+    torch.testing.assert_close(body.bn1.running_mean, torch.stack(means).mean(0), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(body.bn1.running_mean, before)
+    assert all(not m.training and m.momentum == 0.1 for m in body.modules()
+               if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
+    after = body.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in weights.items())

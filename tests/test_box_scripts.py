@@ -18,6 +18,7 @@ import train_box
 from aligndet.checkpoint import load_checkpoint, load_pretrained
 from aligndet.data.images import list_images
 from aligndet.engine import NonFiniteLossError
+from aligndet.pretrain.losses import box_contrastive
 from conftest import squares_views, write_squares_coco
 from test_box_pretrain import CPU, NUM_SAMPLES, box_step, loss_sum, small_aligndet, small_detector
 
@@ -133,8 +134,12 @@ def test_train_box_resume_and_finetune_scripts(tmp_path):
 
 def test_nonfinite_loss_stops_training(tmp_path, monkeypatch):
     paths = write_squares_coco(str(tmp_path / "data"), num_images=4, size=64)
-    monkeypatch.setattr("aligndet.pretrain.box.box_contrastive_loss",
-                        lambda q, *a, **k: q.sum() * float("nan"))
+    real = box_contrastive
+
+    def nan_loss(q, *args, **kwargs):
+        return q.sum() * float("nan"), real(q, *args, **kwargs)[1]
+
+    monkeypatch.setattr("aligndet.pretrain.box.box_contrastive", nan_loss)
     args = train_box.get_args_parser().parse_args(_train_box_args(paths, tmp_path, "--epochs", "1",
                                                                   "--max-iters", "2"))
     with pytest.raises(NonFiniteLossError) as info:
@@ -151,3 +156,19 @@ def test_nonfinite_loss_stops_training(tmp_path, monkeypatch):
     ckpt = load_checkpoint(tmp_path / "box" / "checkpoint_before_nonfinite.pth")
     assert ckpt["stage"] == "box"
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())  # the NaN step was not applied
+
+
+def test_train_box_recomputes_batch_norm_statistics_on_the_scenes(tmp_path, capsys):
+    paths = write_squares_coco(str(tmp_path / "data"), num_images=4, size=64)
+    common = ("--epochs", "1", "--lr", "0", "--weight-decay", "0", "--seed", "3")
+    train_box.main(train_box.get_args_parser().parse_args(_train_box_args(paths, tmp_path, *common)))
+    kept = load_checkpoint(tmp_path / "box" / "checkpoint.pth")["model"]
+    args = train_box.get_args_parser().parse_args(
+        _train_box_args(paths, tmp_path / "re", *common, "--bn-stats", "scenes", "--bn-batches", "2"))
+    train_box.main(args)
+    assert "batch-norm statistics recomputed on 2 batches" in capsys.readouterr().out
+    recomputed = load_checkpoint(tmp_path / "re" / "box" / "checkpoint.pth")["model"]
+    stats = [k for k in kept if k.startswith("backbone.body.") and "running_" in k]
+    assert stats and all(not torch.equal(kept[k], recomputed[k]) for k in stats)
+    weights = [k for k in kept if k.startswith("backbone.body.") and k.endswith(".weight")]
+    assert weights and all(torch.equal(kept[k], recomputed[k]) for k in weights)  # the backbone stays frozen

@@ -128,3 +128,65 @@ def test_aligndet_wrapper_trains_fcos_neck_and_heads():
     assert not any(n.startswith(("online.backbone.body.", "online.head.classification_head.cls_logits.",
                                  "momentum")) for n in grads)
     assert 0.996 <= model.momentum_update(1) < 1
+
+
+def test_classification_tower_centerness_branch():
+    """--cls-centerness: BCE of a centerness logit predicted from the classification tower,
+    against the FCOS centerness of each positive point, by hand; its gradient reaches the
+    tower; without losses (the momentum view) neither it nor the regression head runs."""
+    torch.manual_seed(0)
+    model = build_fcos(1, "resnet18", fpn_channels=32, scale_ranges=RANGES)
+    body, image_sizes, padded, proposals = _hook_inputs(model)
+    head = dense_embedding_head(model, 16, kernel_size=3, init_std=0.01, centerness=True)
+    assert head.mlp[0].kernel_size == (3, 3) and float(head.mlp[0].bias.detach().abs().max()) == 0.0
+    assert 0.005 < float(head.mlp[0].weight.detach().std()) < 0.015
+    assert head.weight_dict == {"loss_centerness_cls": 1.0}
+    torch.manual_seed(1)  # the background samples are drawn at random
+    out = hook_for(model).forward(model, body, image_sizes, padded, proposals, head, 64)
+    assert set(out["losses"]) == {"loss_box_reg", "loss_centerness", "loss_centerness_cls"}
+
+    features = list(model.backbone.fpn(body).values())
+    anchors_per_level = model.anchor_generator(padded, features)
+    anchors = torch.cat(anchors_per_level)
+    level_sizes = [a.shape[0] for a in anchors_per_level]
+    terms, count = [], 0
+    for i, p in enumerate(proposals):
+        matched = model.match(anchors, p["boxes"], level_sizes)
+        logits = torch.cat([head.centerness(model.head.classification_head.conv(x))[i].flatten() for x in features])
+        for t in torch.nonzero(matched >= 0).squeeze(1).tolist():
+            x1, y1, x2, y2 = p["boxes"][matched[t]].tolist()
+            cx, cy = (anchors[t, 0] + anchors[t, 2]) / 2, (anchors[t, 1] + anchors[t, 3]) / 2
+            l, r, top, b = cx - x1, x2 - cx, cy - y1, y2 - cy
+            target = math.sqrt(min(l, r) / max(l, r) * min(top, b) / max(top, b))
+            terms.append(torch.nn.functional.binary_cross_entropy_with_logits(logits[t], torch.tensor(target)))
+            count += 1
+    assert count > 10
+    torch.testing.assert_close(out["losses"]["loss_centerness_cls"], torch.stack(terms).sum() / count,
+                               atol=1e-5, rtol=1e-5)
+    out["losses"]["loss_centerness_cls"].backward()
+    tower = model.head.classification_head.conv
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in tower.parameters())
+    assert head.centerness.weight.grad is not None
+
+    torch.manual_seed(1)
+    without = hook_for(model).forward(model, body, image_sizes, padded, proposals, head, 64, with_losses=False)
+    assert without["losses"] == {}
+    torch.testing.assert_close(without["embeddings"], out["embeddings"].detach())
+    model.zero_grad()
+    model.head.regression_head.register_forward_hook(lambda *a: (_ for _ in ()).throw(AssertionError("ran")))
+    hook_for(model).forward(model, body, image_sizes, padded, proposals, head, 64, with_losses=False)
+
+
+def test_centerness_branch_needs_fcos_and_joins_the_weight_dict():
+    from aligndet.models import build_detector
+    retinanet = build_detector("retinanet", 1, backbone="resnet18", fpn_channels=32)
+    try:
+        dense_embedding_head(retinanet, 16, centerness=True)
+    except ValueError as e:
+        assert "FCOS" in str(e)
+    else:
+        raise AssertionError("a centerness branch was built for RetinaNet")
+    detector = build_fcos(1, "resnet18", fpn_channels=32)
+    model = AlignDet(detector, embed_dim=16, num_samples=32, head_options={"centerness": True})
+    assert model.weight_dict["loss_centerness_cls"] == 1.0
+    assert model.momentum_embed.centerness is not None  # copied, but never trained nor used

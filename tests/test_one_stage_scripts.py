@@ -2,6 +2,7 @@
 takes the online detector with its final layers re-initialised, evaluates it,
 and both refuse options or checkpoints of another detector with a clear message."""
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -33,22 +34,30 @@ def _finetune_args(paths, out, *extra):
             "--min-size", "64", "--max-size", "64", "--output-dir", str(out), "--device", "cpu", *extra]
 
 
-@pytest.mark.parametrize("detector, heads", [
-    ("retinanet", ["head.classification_head.cls_logits", "head.regression_head.bbox_reg"]),
+@pytest.mark.parametrize("detector, heads, box_extra", [
+    ("retinanet", ["head.classification_head.cls_logits", "head.regression_head.bbox_reg"], []),
     ("fcos", ["head.classification_head.cls_logits", "head.regression_head.bbox_reg",
-              "head.regression_head.bbox_ctrness"]),
+              "head.regression_head.bbox_ctrness"], ["--cls-centerness", "--embed-kernel", "3"]),
 ])
-def test_pretrain_then_finetune(tmp_path, detector, heads):
+def test_pretrain_then_finetune(tmp_path, detector, heads, box_extra):
     paths = write_squares_coco(str(tmp_path / "data"), num_images=4, size=64)
     box = tmp_path / "box"
     _script("train_box.py", ["--detector", detector, "--images", paths["train_images"], "--json",
                              paths["train_json"], "--proposals", str(tmp_path / "props"), "--proposal-preset", "demo",
                              "--batch-size", "2", "--workers", "0", "--epochs", "1", "--max-iters", "2",
-                             "--num-samples", "32", "--output-dir", str(box), "--device", "cpu"])
+                             "--num-samples", "32", "--output-dir", str(box), "--device", "cpu", *box_extra])
     ckpt = torch.load(box / "checkpoint.pth", weights_only=True)
     assert ckpt["stage"] == "box" and ckpt["detector"] == detector
     assert any(k.startswith("head.regression_head.") for k in ckpt["model"])
     assert any(k.startswith("online_embed.") for k in ckpt["pretrain"])
+    epochs = [json.loads(line) for line in open(box / "log.jsonl") if '"epoch_time"' in line]
+    if "--cls-centerness" in box_extra:
+        assert "online_embed.centerness.weight" in ckpt["pretrain"]
+        assert ckpt["pretrain"]["online_embed.mlp.0.weight"].shape[-2:] == (3, 3)
+        assert epochs[-1]["train_loss_centerness_cls"] > 0
+        assert not [k for k in ckpt["model"] if "centerness" in k and "bbox_ctrness" not in k]
+    else:
+        assert "train_loss_centerness_cls" not in epochs[-1]
 
     result = _script("finetune.py", _finetune_args(paths, tmp_path / "ft", "--detector", detector,
                                                    "--init", str(box / "checkpoint.pth")))
@@ -79,6 +88,20 @@ def test_options_of_another_detector_are_refused():
     options = model_options(args.detector, vars(args))
     assert options["fpn_channels"] == 64 and "rpn_batch_size_per_image" not in options
     assert options["anchor_sizes"] == (8, 16, 32, 64, 128)
+
+
+def test_embedding_head_flags_of_another_detector_are_refused():
+    def options(*argv):
+        return train_box.embedding_head_options(train_box.get_args_parser().parse_args(list(argv)))
+
+    assert options("--detector", "fcos", "--cls-centerness", "--embed-init-std", "0.01") == {
+        "centerness": True, "init_std": 0.01}
+    assert options("--detector", "retinanet", "--embed-kernel", "3") == {"kernel_size": 3}
+    assert options() == {}
+    with pytest.raises(ValueError, match="--cls-centerness is for --detector fcos"):
+        options("--detector", "retinanet", "--cls-centerness")
+    with pytest.raises(ValueError, match="dense detectors"):
+        options("--embed-kernel", "3")
 
 
 def test_presets_per_detector():

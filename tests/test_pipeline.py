@@ -104,3 +104,21 @@ def test_gain_benchmark_runs_each_stage_once_and_both_arms_on_one_schedule(tmp_p
     calls.clear()
     pretrain_gain.main()
     assert calls == []  # every stage was recorded as finished
+
+    # A tagged variant of stage 2 reuses stage 1 and the (a) runs; one of fine-tuning re-runs (a) too.
+    monkeypatch.setattr("sys.argv", argv + ["--tag", "n2k", "--box-args=--num-samples 2048"])
+    pretrain_gain.main()
+    assert [c[0] for c in calls] == ["train_box.py", "finetune.py", "finetune.py"]
+    box = calls[0]
+    assert box[box.index("--num-samples") + 1] == "2048"
+    assert box[box.index("--output-dir") + 1].endswith("stage2_n2k")
+    assert all(c[c.index("--output-dir") + 1].endswith("_n2k") for c in calls[1:])
+    calls.clear()
+    monkeypatch.setattr("sys.argv", argv + ["--tag", "recipe", "--finetune-args=--lr 0.03 --weight-decay 5e-5"])
+    pretrain_gain.main()
+    assert [c[0] for c in calls] == ["finetune.py"] * 4  # the untagged stage 2 is reused
+    assert all(c[-4:] == ["--lr", "0.03", "--weight-decay", "5e-5"] for c in calls[1:])
+    lines = [json.loads(line) for line in open(tmp_path / "gain" / "ablation.jsonl")]
+    assert [r["tag"] for r in lines] == ["default", "default", "n2k", "recipe"]
+    assert lines[2]["box_args"] == ["--num-samples", "2048"] and lines[2]["gain"] == 0.0
+    assert set(lines[2]["folds"]) == {"0", "1"}

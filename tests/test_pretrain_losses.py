@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from aligndet.pretrain.losses import box_contrastive_loss, box_contrastive_stats
+from aligndet.pretrain.losses import box_contrastive, box_contrastive_loss, box_contrastive_stats
 
 
 # ---------------------------------------------------------------------------
@@ -28,8 +28,8 @@ def naive_box_contrastive_loss(q, q_ids, k, k_ids, temperature=0.5):
     for i in instances:
         queries = [qn[a] for a in range(len(q_ids)) if q_ids[a] == i]
         keys = [kn[b] for b in range(len(k_ids)) if k_ids[b] == i]
-        if not keys:
-            keys = [qn[a].detach() for a in range(len(q_ids)) if q_ids[a] == i]
+        if not keys:  # the queries are their own keys, with gradient (as the official code)
+            keys = [qn[a] for a in range(len(q_ids)) if q_ids[a] == i]
         negatives = ([qn[n].detach() for n in range(len(q_ids)) if q_ids[n] != i]
                      + [kn[n] for n in range(len(k_ids)) if k_ids[n] != i])
         pair_losses = []
@@ -213,16 +213,54 @@ def test_gradient_only_into_q_and_matches_naive():
                                    msg=lambda m: f"case {index}: {m}")
 
 
-def test_gradient_of_empty_key_instance_ignores_self_keys():
-    # Only instance 5 has no keys; its keys are its own (detached) queries. If the
-    # self-keys were not detached the gradient would differ from the naive one.
+def test_gradient_of_empty_key_instance_flows_through_self_keys():
+    # Only instance 5 has no keys; its keys are its own queries, and the gradient flows
+    # through both sides of each (query, own query) pair, as in the official code. With
+    # detached self-keys the gradient would be a different one.
     q = torch.tensor([[1.0, 0.2, 0.0], [0.3, 1.0, 0.1], [0.0, 0.4, 1.0]], dtype=torch.float64)
     q.requires_grad_()
     q_ids, k, k_ids = ids(5, 5, -1), torch.tensor([[0.5, -1.0, 0.2]], dtype=torch.float64), ids(-1)
     box_contrastive_loss(q, q_ids, k, k_ids).backward()
     q_ref = q.detach().clone().requires_grad_()
     (expected,) = torch.autograd.grad(naive_box_contrastive_loss(q_ref, q_ids, k, k_ids), q_ref)
-    torch.testing.assert_close(q.grad, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(q.grad, expected, atol=1e-9, rtol=0)
+
+    # The same loss with the self-keys detached, written out: its gradient differs.
+    q_det = q.detach().clone().requires_grad_()
+    qn = q_det / q_det.norm(dim=1, keepdim=True)
+    kn = k / k.norm(dim=1, keepdim=True)
+    pair_losses = []
+    for a in (0, 1):
+        for b in (0, 1):
+            logits = torch.stack([qn[a] @ qn[b].detach(), qn[a] @ qn[2].detach(), qn[a] @ kn[0]]) / 0.5
+            pair_losses.append(torch.logsumexp(logits, 0) - logits[0])
+    (detached,) = torch.autograd.grad(torch.stack(pair_losses).mean(), q_det)
+    assert (q.grad - detached).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("block_elements", [1, 7, 40])
+def test_row_blocks_give_the_same_loss_gradient_and_stats(block_elements):
+    for seed in range(12):
+        q, q_ids, k, k_ids, tau = random_case(500 + seed)
+        q_one = q.clone().requires_grad_()
+        loss_one, stats_one = box_contrastive(q_one, q_ids, k, k_ids, tau)
+        loss_one.backward()
+        q_blocks = q.clone().requires_grad_()
+        loss_blocks, stats_blocks = box_contrastive(q_blocks, q_ids, k, k_ids, tau, block_elements=block_elements)
+        loss_blocks.backward()
+        torch.testing.assert_close(loss_blocks, loss_one, atol=1e-12, rtol=0)
+        torch.testing.assert_close(q_blocks.grad, q_one.grad, atol=1e-12, rtol=0)
+        assert stats_blocks == pytest.approx(stats_one, abs=1e-12), seed
+
+
+def test_loss_and_stats_of_one_call_equal_the_separate_ones():
+    for seed in range(10):
+        q, q_ids, k, k_ids, tau = random_case(600 + seed)
+        loss, stats = box_contrastive(q, q_ids, k, k_ids, tau)
+        assert float(loss) == float(box_contrastive_loss(q, q_ids, k, k_ids, tau))
+        assert stats == box_contrastive_stats(q, q_ids, k, k_ids, tau)
+        expected = naive_accuracy(q, q_ids, k, k_ids, tau) if (q_ids >= 0).any() else 0.0
+        assert stats["accuracy"] == pytest.approx(expected, abs=1e-9), seed
 
 
 # ---------------------------------------------------------------------------

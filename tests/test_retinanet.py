@@ -329,6 +329,31 @@ def test_box_domain_regression_with_an_image_without_proposals():
     assert (out["ids"][64:] == -1).all() and (out["ids"][:64] >= 0).any()
 
 
+def test_embeddings_at_the_kept_anchors_only_equal_the_dense_ones():
+    """DenseEmbeddingHead's last conv runs only where predictions are kept (``project``);
+    the result equals running the head on every location and gathering, values and gradients."""
+    model = _random_model(seed=7).train()
+    images, proposals = _hook_batch()
+    batch, image_sizes, proposals = model.transform(images, proposals, resize=False)
+    with torch.no_grad():
+        body = model.backbone.body(batch)
+    head = dense_embedding_head(model, 16, kernel_size=3)
+    dense = torch.nn.Sequential(*head.mlp)  # the same layers, not a DenseEmbeddingHead: the dense path
+    results = []
+    for module in (head, dense):
+        torch.manual_seed(3)
+        out = dense_box_domain(model, body, image_sizes, batch.shape[-2:], proposals, module, 64)
+        head.zero_grad()
+        out["embeddings"].square().sum().backward()
+        results.append((out["embeddings"].detach(), out["ids"], [p.grad.clone() for p in head.parameters()]))
+    (sparse, ids, grads), (full, ids_dense, grads_dense) = results
+    assert head.num_anchors == 9 and sparse.shape == (128, 16)
+    assert torch.equal(ids, ids_dense)
+    torch.testing.assert_close(sparse, full, atol=1e-5, rtol=1e-5)
+    for g, g_dense in zip(grads, grads_dense):
+        torch.testing.assert_close(g, g_dense, atol=1e-4, rtol=1e-4)
+
+
 def _small_detector(seed=0):
     torch.manual_seed(seed)
     return build_retinanet(1, "resnet18", norm="bn", trainable_layers=5, fpn_channels=16, min_size=64,

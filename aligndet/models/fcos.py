@@ -192,24 +192,38 @@ class FCOS(OneStageDetector):
         """IoU-type loss on the decoded boxes and centerness loss of the positive
         points, summed and divided by the batch's number of positive points.
         matched: per image [T]; boxes: per image [N_i, 4] xyxy."""
-        matched = torch.stack(list(matched))                                                 # [B, T]
-        positive = matched >= 0
+        positive, target, reference = self._positive_pairs(anchors, matched, boxes)
         num_positive = max(1, int(positive.sum()))
-        _, point = torch.nonzero(positive, as_tuple=True)                                    # image-major, like below
-        # Boxes in float32 even under autocast: bf16 cannot tell 1000 px from 1004 px.
-        target = torch.cat([b[m[m >= 0]] for b, m in zip(boxes, matched)]).float()          # [F, 4]
-        reference = anchors[point].float()                                                   # [F, 4]
         predicted = self.box_coder.decode(outputs["bbox_regression"][positive].float(), reference)  # [F, 4]
         if self.box_loss == "giou":
             loss_box = generalized_box_iou_loss(predicted, target, reduction="sum")
         else:
             loss_box = pairwise_iou_loss(predicted, target).sum()
-        sides = self.box_coder.encode(target, reference)                                     # [F, 4] (l, t, r, b)
-        left_right, top_bottom = sides[:, [0, 2]], sides[:, [1, 3]]
-        ctrness = torch.sqrt(left_right.amin(1) / left_right.amax(1) * (top_bottom.amin(1) / top_bottom.amax(1)))
+        ctrness = self._centerness(target, reference)
         loss_ctrness = F.binary_cross_entropy_with_logits(outputs["bbox_ctrness"][positive].squeeze(1), ctrness,
                                                           reduction="sum")
         return {"loss_box_reg": loss_box / num_positive, "loss_centerness": loss_ctrness / num_positive}
+
+    def centerness_targets(self, anchors: Tensor, matched, boxes):
+        """(positive [B, T] bool, centerness target [F] of the positive points, image-major)."""
+        positive, target, reference = self._positive_pairs(anchors, matched, boxes)
+        return positive, self._centerness(target, reference)
+
+    @staticmethod
+    def _positive_pairs(anchors: Tensor, matched, boxes):
+        """(positive [B, T], matched box [F, 4], point's anchor square [F, 4]) of the positive points."""
+        matched = torch.stack(list(matched))                                                 # [B, T]
+        positive = matched >= 0
+        _, point = torch.nonzero(positive, as_tuple=True)                                    # image-major, like below
+        # Boxes in float32 even under autocast: bf16 cannot tell 1000 px from 1004 px.
+        target = torch.cat([b[m[m >= 0]] for b, m in zip(boxes, matched)]).float()          # [F, 4]
+        return positive, target, anchors[point].float()
+
+    def _centerness(self, target: Tensor, reference: Tensor) -> Tensor:
+        """sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b)) of each point's side distances."""
+        sides = self.box_coder.encode(target, reference)                                     # [F, 4] (l, t, r, b)
+        left_right, top_bottom = sides[:, [0, 2]], sides[:, [1, 3]]
+        return torch.sqrt(left_right.amin(1) / left_right.amax(1) * (top_bottom.amin(1) / top_bottom.amax(1)))
 
     def class_scores(self, outputs: dict) -> Tensor:
         """sqrt(class probability x centerness probability): [B, T, K]."""

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .hooks import hook_for
-from .losses import box_contrastive_loss, box_contrastive_stats
+from .losses import box_contrastive
 from .momentum import MomentumUpdater, make_momentum_copy
 
 logger = logging.getLogger(__name__)
@@ -36,14 +36,16 @@ class AlignDet(nn.Module):
         base_momentum, total_steps: the EMA schedule (m0 -> 1 over total_steps).
         num_samples: predictions kept per image (or batch) by the hook; None = the
             detector's official number (``hooks.HOOKS``).
+        head_options: keyword arguments of the hook's embedding head (e.g.
+            ``kernel_size``, ``init_std``, ``centerness`` of ``DenseEmbeddingHead``).
     """
 
     def __init__(self, detector, embed_dim=256, temperature=0.5, base_momentum=0.996, total_steps=1,
-                 num_samples=None):
+                 num_samples=None, head_options=None):
         super().__init__()
         self.hook = hook_for(detector)
         self.online = detector
-        self.online_embed = self.hook.embedding_head(detector, embed_dim)
+        self.online_embed = self.hook.embedding_head(detector, embed_dim, **(head_options or {}))
         self.body.requires_grad_(False)
         for name, param in detector.named_parameters():
             if name.startswith(self.hook.classifier_layers):
@@ -57,7 +59,8 @@ class AlignDet(nn.Module):
                          MomentumUpdater(self.online_embed, self.momentum_embed, base_momentum, total_steps)]
         self.temperature = temperature
         self.num_samples = num_samples or self.hook.num_samples
-        self.weight_dict = {"loss_contrastive": 1.0, **detector.weight_dict}  # docs/method.md §3.7
+        self.weight_dict = {"loss_contrastive": 1.0, **detector.weight_dict,  # docs/method.md §3.7
+                            **getattr(self.online_embed, "weight_dict", {})}
 
     @property
     def body(self):
@@ -68,25 +71,24 @@ class AlignDet(nn.Module):
         self.body.eval()  # frozen: batch-norm statistics from stage 1, always
         return self
 
-    def _branch(self, detector, embed, views):
+    def _branch(self, detector, embed, views, with_losses):
         images = [v["image"] for v in views]
         proposals = [{"boxes": v["boxes"], "ids": v["ids"]} for v in views]
         batch, image_sizes, proposals = detector.transform(images, proposals, resize=False)
         with torch.no_grad():
             body_features = self.body(batch)
         return self.hook.forward(detector, body_features, image_sizes, batch.shape[-2:], proposals, embed,
-                                 self.num_samples)
+                                 self.num_samples, with_losses=with_losses)
 
     def forward(self, views1, views2, metas=None):
         """views: per image {"image" [3, H, W] in [0, 1], "boxes" [N, 4] xyxy, "ids" [N]}
         (``two_view_collate``, whose ``metas`` name the images in warnings). Returns a
         dict: ``loss_*`` terms (``weight_dict``), plus ``contrastive_accuracy``,
         ``instances``, ``matched_instances`` and ``queries`` for the log."""
-        q = self._branch(self.online, self.online_embed, views1)
+        q = self._branch(self.online, self.online_embed, views1, with_losses=True)
         with torch.no_grad():
-            k = self._branch(self.momentum, self.momentum_embed, views2)
-        loss_con = box_contrastive_loss(q["embeddings"], q["ids"], k["embeddings"], k["ids"], self.temperature)
-        stats = box_contrastive_stats(q["embeddings"], q["ids"], k["embeddings"], k["ids"], self.temperature)
+            k = self._branch(self.momentum, self.momentum_embed, views2, with_losses=False)
+        loss_con, stats = box_contrastive(q["embeddings"], q["ids"], k["embeddings"], k["ids"], self.temperature)
         if stats["instances"] == 0:
             images = [m.get("image_id") for m in metas] if metas else "?"
             logger.warning("no prediction matched a proposal in this batch (images %s): contrastive loss set to 0",
@@ -96,6 +98,33 @@ class AlignDet(nn.Module):
                 "contrastive_accuracy": torch.tensor(stats["accuracy"], device=device),
                 **{name: torch.tensor(stats[name], device=device)
                    for name in ("instances", "matched_instances", "queries")}}
+
+    @torch.no_grad()
+    def recalibrate_batch_norm(self, batches, num_batches, device):
+        """Recompute the frozen backbone's batch-norm statistics on ``num_batches`` batches of
+        views (both views of each), as averages over them, before stage 2 (docs/method.md §3.2):
+        stage 1's statistics come from object crops, fine-tuning normalises scenes. Weights are
+        unchanged. Returns the number of batches used (0: the backbone has no batch norm)."""
+        norms = [m for m in self.body.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not norms or num_batches <= 0:
+            return 0
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches
+            m.train()
+        used = 0
+        for batch in batches:
+            for views in batch[:2]:
+                images = [v["image"].to(device) for v in views]
+                self.body(self.online.transform(images, resize=False)[0])
+            used += 1
+            if used == num_batches:
+                break
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+            m.eval()
+        return used
 
     @torch.no_grad()
     def momentum_update(self, step):

@@ -16,8 +16,8 @@ already has for supervised training (its matcher, box coder, heads).
 | detector     | predictions          | native rule                    | kept for L_con      | embedding head     |
 |--------------|----------------------|--------------------------------|---------------------|--------------------|
 | Faster R-CNN | RPN RoIs + proposals | max IoU >= 0.5, no background  | 4096 pos. per image | MLP on box feature |
-| RetinaNet    | anchors P3-P7        | ``RetinaNet.match`` 0.5 / 0.4  | 2048 per image      | 1x1 convs, cls     |
-| FCOS         | points P3-P7         | ``FCOS.match`` (FCOS rule)     | 2048 per batch      | 1x1 convs, cls     |
+| RetinaNet    | anchors P3-P7        | ``RetinaNet.match`` 0.5 / 0.4  | 2048 per image      | convs on cls tower |
+| FCOS         | points P3-P7         | ``FCOS.match`` (FCOS rule)     | 2048 per batch      | convs on cls tower |
 
 ``AlignDet`` (``box.py``) finds a detector's hook with ``hook_for(detector)``.
 """
@@ -45,7 +45,7 @@ def faster_rcnn_embedding_head(detector: FasterRCNN, dim: int = 256) -> nn.Modul
 
 
 def faster_rcnn_box_domain(detector: FasterRCNN, body_features, image_sizes, padded_size, proposals,
-                           embedding_head: nn.Module, num_samples: int) -> dict:
+                           embedding_head: nn.Module, num_samples: int, with_losses: bool = True) -> dict:
     """Faster R-CNN row of docs/method.md §4.
 
     Args:
@@ -53,6 +53,8 @@ def faster_rcnn_box_domain(detector: FasterRCNN, body_features, image_sizes, pad
         image_sizes: (h, w) of each image in the batch; padded_size: (H, W).
         proposals: per image {"boxes": [P_i, 4] xyxy pixels, "ids": [P_i] int64}.
         num_samples: positive RoIs kept per image.
+        with_losses: False for the momentum view, whose losses nobody uses (the
+            RPN's are still computed: its sampling draws from the random stream).
 
     The RPN trains class-agnostically on the proposals. The RoIs are the RPN's
     proposals plus the selective-search proposals themselves; a RoI takes the
@@ -79,6 +81,8 @@ def faster_rcnn_box_domain(detector: FasterRCNN, body_features, image_sizes, pad
     roi_heads = detector.roi_heads
     box_features = roi_heads.box_features(features, rois, image_sizes)  # [R, hidden]
     embeddings = embedding_head(box_features)                           # [R, D]
+    if not with_losses:
+        return {"embeddings": embeddings, "ids": torch.cat(ids), "losses": {}}
     deltas = roi_heads.box_predictor.bbox_pred(box_features)
     deltas = deltas.reshape(deltas.shape[0], deltas.shape[1] // 4, 4)[:, 1]  # class-agnostic: first object slot
     target_deltas = roi_heads.box_coder.encode(torch.cat(matched), torch.cat(rois))
@@ -88,18 +92,63 @@ def faster_rcnn_box_domain(detector: FasterRCNN, body_features, image_sizes, pad
 
 # ---------------------------------------------------------------- RetinaNet and FCOS
 
-def dense_embedding_head(detector, dim: int = 256) -> nn.Module:
-    """The projection MLP that replaces a dense detector's classifier: 1x1 convs
-    on the classification tower, one D-dim embedding per anchor / point:
-    [B, C, H, W] -> conv1x1 -> ReLU -> conv1x1 -> [B, A * D, H, W]."""
-    channels = detector.backbone.out_channels
-    num_anchors = detector.head.classification_head.num_anchors
-    return nn.Sequential(nn.Conv2d(channels, channels, 1), nn.ReLU(inplace=True),
-                         nn.Conv2d(channels, num_anchors * dim, 1))
+class DenseEmbeddingHead(nn.Module):
+    """The projection MLP that replaces a dense detector's classifier, on the
+    classification tower, one D-dim embedding per anchor / point:
+    [B, C, H, W] -> conv k x k -> ReLU -> conv 1x1 -> [B, A * D, H, W].
+
+    ``kernel_size`` of the first conv: 1 here by default, 3 in the official
+    code; ``init_std``: None keeps PyTorch's default init, 0.01 is the
+    official N(0, 0.01). ``centerness=True`` (FCOS) adds a stage-2-only 3x3
+    conv predicting the centerness logit from the same tower, trained by
+    ``loss_centerness_cls`` (docs/method.md §4): it gives the tower that is
+    transferred a gradient besides the contrastive loss's, as the official
+    FCOS head with its centerness branch on the classification tower does.
+    It is not part of the detector and is dropped at fine-tuning."""
+
+    def __init__(self, channels: int, num_anchors: int, dim: int, kernel_size: int = 1, init_std=None,
+                 centerness: bool = False):
+        super().__init__()
+        if kernel_size not in (1, 3):
+            raise ValueError(f"embedding head kernel_size must be 1 or 3, not {kernel_size}")
+        self.mlp = nn.Sequential(nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2),
+                                 nn.ReLU(inplace=True), nn.Conv2d(channels, num_anchors * dim, 1))
+        self.centerness = nn.Conv2d(channels, num_anchors, 3, padding=1) if centerness else None
+        convs = [self.mlp[0], self.mlp[2]] + ([self.centerness] if centerness else [])
+        for conv in convs if init_std is not None else []:
+            nn.init.normal_(conv.weight, std=init_std)
+            nn.init.zeros_(conv.bias)
+        self.weight_dict = {"loss_centerness_cls": 1.0} if centerness else {}
+        self.num_anchors = num_anchors
+
+    def forward(self, tower: Tensor) -> Tensor:
+        """Every location's embeddings: [B, C, H, W] -> [B, A * D, H, W]."""
+        return self.mlp(tower)
+
+    def hidden(self, tower: Tensor) -> Tensor:
+        """The first conv and ReLU: [B, C, H, W] -> [B, C, H, W]."""
+        return F.relu(self.mlp[0](tower))
+
+    def project(self, hidden: Tensor, anchor: Tensor) -> Tensor:
+        """The last (1x1) conv at chosen locations only: ``hidden`` [S, C] of the locations,
+        ``anchor`` [S] which of the A anchors there -> [S, D]; equal to ``forward`` there."""
+        last = self.mlp[2]
+        out = F.linear(hidden, last.weight.flatten(1), last.bias)               # [S, A * D]
+        return out.view(len(hidden), self.num_anchors, -1)[torch.arange(len(hidden), device=out.device), anchor]
+
+
+def dense_embedding_head(detector, dim: int = 256, kernel_size: int = 1, init_std=None,
+                         centerness: bool = False) -> nn.Module:
+    """``DenseEmbeddingHead`` for ``detector``'s FPN width and anchors per location."""
+    if centerness and not hasattr(detector, "centerness_targets"):
+        raise ValueError(f"a centerness branch on the classification tower needs FCOS, not "
+                         f"{type(detector).__name__}")
+    return DenseEmbeddingHead(detector.backbone.out_channels, detector.head.classification_head.num_anchors, dim,
+                              kernel_size, init_std, centerness)
 
 
 def dense_box_domain(detector, body_features, image_sizes, padded_size, proposals, embedding_head: nn.Module,
-                     num_samples: int, per_image: bool = True) -> dict:
+                     num_samples: int, per_image: bool = True, with_losses: bool = True) -> dict:
     """RetinaNet and FCOS rows of docs/method.md §4 (arguments as in ``faster_rcnn_box_domain``).
 
     Every anchor / point is matched to the proposals with the detector's own
@@ -108,18 +157,32 @@ def dense_box_domain(detector, body_features, image_sizes, padded_size, proposal
     positives first and background filling the rest. Embeddings and ids are
     gathered with one flat index over (image, prediction), so they stay aligned
     however many images the batch holds. Losses: the detector's own regression
-    losses (``detector.regression_losses``) towards the matched proposals.
+    losses (``detector.regression_losses``) towards the matched proposals;
+    ``with_losses=False`` (the momentum view) skips them and the regression head.
     """
     features = list(detector.backbone.fpn(body_features).values())
     anchors_per_level = detector.anchor_generator(padded_size, features)
     anchors = torch.cat(anchors_per_level)                                  # [T, 4]
     level_sizes = [a.shape[0] for a in anchors_per_level]
     classification = detector.head.classification_head
-    embeddings = torch.cat([flatten_predictions(embedding_head(classification.conv(x)), classification.num_anchors)
-                            for x in features], 1)                           # [B, T, D]
-    outputs = detector.head.regression_head(features)
+    num_anchors = classification.num_anchors
+    towers = [classification.conv(x) for x in features]
+    if isinstance(embedding_head, DenseEmbeddingHead):
+        # Only the kept predictions need an embedding: the last 1x1 conv runs at their locations.
+        hidden = torch.cat([flatten_predictions(embedding_head.hidden(t), 1) for t in towers], 1)  # [B, L, C]
+    else:
+        embeddings = torch.cat([flatten_predictions(embedding_head(t), num_anchors) for t in towers], 1)  # [B, T, D]
     matched = [detector.match(anchors, p["boxes"], level_sizes) for p in proposals]
-    losses = detector.regression_losses(outputs, anchors, matched, [p["boxes"] for p in proposals])
+    boxes = [p["boxes"] for p in proposals]
+    losses = {}
+    if with_losses:
+        losses = detector.regression_losses(detector.head.regression_head(features), anchors, matched, boxes)
+    if with_losses and getattr(embedding_head, "centerness", None) is not None:  # FCOS, stage-2-only branch
+        logits = torch.cat([flatten_predictions(embedding_head.centerness(t), classification.num_anchors)
+                            for t in towers], 1)                             # [B, T, 1]
+        positive, target = detector.centerness_targets(anchors, matched, boxes)
+        losses["loss_centerness_cls"] = F.binary_cross_entropy_with_logits(
+            logits[positive].squeeze(1).float(), target, reduction="sum") / max(1, int(positive.sum()))
 
     matched = torch.stack(matched)                                          # [B, T]
     ids = torch.full_like(matched, -1)
@@ -127,7 +190,12 @@ def dense_box_domain(detector, body_features, image_sizes, padded_size, proposal
         positive = matched[i] >= 0
         ids[i, positive] = p["ids"][matched[i, positive]]
     picks = sample_positives_first(matched, num_samples, per_image)         # flat over B * T
-    return {"embeddings": embeddings.flatten(0, 1)[picks], "ids": ids.flatten()[picks], "losses": losses}
+    if isinstance(embedding_head, DenseEmbeddingHead):
+        image, prediction = picks // matched.shape[1], picks % matched.shape[1]
+        kept = embedding_head.project(hidden[image, prediction // num_anchors], prediction % num_anchors)
+    else:
+        kept = embeddings.flatten(0, 1)[picks]
+    return {"embeddings": kept, "ids": ids.flatten()[picks], "losses": losses}
 
 
 def sample_positives_first(matched: Tensor, num_samples: int, per_image: bool = True) -> Tensor:
@@ -153,7 +221,8 @@ class BoxDomainHook(NamedTuple):
     """What ``AlignDet`` needs of one detector family.
 
     embedding_head(detector, dim) -> the projection MLP;
-    forward(detector, body_features, image_sizes, padded_size, proposals, embedding_head, num_samples) -> dict;
+    forward(detector, body_features, image_sizes, padded_size, proposals, embedding_head, num_samples,
+            with_losses=True) -> dict;
     classifier_layers: name prefixes of the classifier the MLP replaces (frozen in
         pre-training, re-initialised at fine-tuning);
     num_samples: the official number of predictions kept for the contrastive loss.
