@@ -9,10 +9,11 @@ Variants:
   the loss, then the statistics for the log, each computing the similarity
   matrix, masks and logsumexp again, with the negatives masked out of place;
 - "one pass" is ``box_contrastive``: one similarity matrix gives negatives,
-  positives and statistics; above ``BLOCK_ELEMENTS`` similarities it works in
-  row blocks recomputed in the backward pass;
-- "one pass, no blocks" is the same with the blocks switched off, to show
-  what they cost in time and save in memory.
+  positives and statistics (in row blocks only above ``BLOCK_ELEMENTS``, 2^30
+  similarities);
+- "one pass, 2^25 blocks" is the same in row blocks of 2^25 similarities,
+  each recomputed in the backward pass, to show what blocks cost in time and
+  save in memory.
 
 Sizes are ``Nq x Nk``: online x momentum embeddings, D = 256, about 30
 predictions per instance and a quarter of them background (a dense
@@ -69,7 +70,7 @@ def two_passes(q, q_ids, k, k_ids, temperature=0.5):
 VARIANTS = {
     "two passes": two_passes,
     "one pass": box_contrastive,
-    "one pass, no blocks": lambda *a: box_contrastive(*a, block_elements=1 << 62),
+    "one pass, 2^25 blocks": lambda *a: box_contrastive(*a, block_elements=1 << 25),
 }
 
 

@@ -303,6 +303,16 @@ def test_hook_caps_samples_per_image_and_returns_only_own_proposal_ids():
                 block = ids[j * NUM_SAMPLES:(j + 1) * NUM_SAMPLES]
                 assert torch.isin(block, p["ids"]).all()
 
+        # The momentum view: the same RoIs and ids, no losses, and the RPN never matches its anchors.
+        def refuse(*args):
+            raise AssertionError("the momentum view computed an RPN loss")
+
+        det.rpn.compute_loss = refuse
+        out = faster_rcnn_box_domain(det, body, sizes, batch.shape[-2:], proposals, model.online_embed,
+                                     NUM_SAMPLES, with_losses=False)
+        assert out["losses"] == {} and out["embeddings"].shape == (3 * NUM_SAMPLES, 32)
+        assert all(int(torch.isin(out["ids"], p["ids"]).sum()) == NUM_SAMPLES for p in proposals)
+
 
 # ----------------------------------------------------------------------------- transform
 

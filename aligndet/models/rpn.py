@@ -132,15 +132,21 @@ class RegionProposalNetwork(nn.Module):
 
         Returns (proposals: list of [P_i, 4] xyxy in resized-image pixels, losses).
         """
+        if self.training and targets is None:
+            raise ValueError("targets are needed in training mode")
+        boxes, (logits, deltas, anchors) = self.propose(image_sizes, padded_size, features)
+        losses = {}
+        if self.training:
+            losses = self.compute_loss(logits, deltas, anchors, targets)
+        return boxes, losses
+
+    def propose(self, image_sizes, padded_size, features):
+        """The proposals alone, with the current mode's top-n settings and no loss:
+        (proposals per image, (objectness, deltas, anchors) for ``compute_loss``)."""
         logits, deltas = self.head(features)
         level_anchors = self.anchor_generator(padded_size, features)
         anchors = torch.cat(level_anchors)  # [T, 4]
         proposals = self.box_coder.decode(deltas.detach(), anchors)  # [B, T, 4]
         level_sizes = [a.shape[0] for a in level_anchors]
         boxes = [b for b, _ in self.filter_proposals(proposals, logits, level_sizes, image_sizes)]
-        losses = {}
-        if self.training:
-            if targets is None:
-                raise ValueError("targets are needed in training mode")
-            losses = self.compute_loss(logits, deltas, anchors, targets)
-        return boxes, losses
+        return boxes, (logits, deltas, anchors)

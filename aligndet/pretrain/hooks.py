@@ -53,8 +53,7 @@ def faster_rcnn_box_domain(detector: FasterRCNN, body_features, image_sizes, pad
         image_sizes: (h, w) of each image in the batch; padded_size: (H, W).
         proposals: per image {"boxes": [P_i, 4] xyxy pixels, "ids": [P_i] int64}.
         num_samples: positive RoIs kept per image.
-        with_losses: False for the momentum view, whose losses nobody uses (the
-            RPN's are still computed: its sampling draws from the random stream).
+        with_losses: False for the momentum view, whose losses nobody uses.
 
     The RPN trains class-agnostically on the proposals. The RoIs are the RPN's
     proposals plus the selective-search proposals themselves; a RoI takes the
@@ -63,8 +62,11 @@ def faster_rcnn_box_domain(detector: FasterRCNN, body_features, image_sizes, pad
     class-agnostic L1 on the deltas to the matched proposal.
     """
     features = detector.backbone.fpn(body_features)
-    targets = [{"boxes": p["boxes"]} for p in proposals]
-    rpn_boxes, losses = detector.rpn(image_sizes, padded_size, list(features.values()), targets)
+    if with_losses:
+        targets = [{"boxes": p["boxes"]} for p in proposals]
+        rpn_boxes, losses = detector.rpn(image_sizes, padded_size, list(features.values()), targets)
+    else:  # the RPN's matching of every anchor to every proposal is the costly part of its loss
+        rpn_boxes, losses = detector.rpn.propose(image_sizes, padded_size, list(features.values()))[0], {}
     rois, ids, matched = [], [], []
     for boxes_i, p in zip(rpn_boxes, proposals):
         candidates = torch.cat([boxes_i, p["boxes"].to(boxes_i.dtype)])  # [R_i, 4]

@@ -23,13 +23,15 @@ views gives the negatives *and* the positives with momentum keys (those are
 its same-id entries in the momentum half), and the statistics for the log
 come from the same pass. Above ``block_elements`` entries the matrix is
 computed in row blocks whose activations are recomputed in the backward pass,
-so peak memory stays bounded at COCO sizes.
+so peak memory stays bounded however many predictions a batch holds.
 """
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-BLOCK_ELEMENTS = 1 << 25  # 32 M similarities (128 MiB in float32) per block
+# Above this many similarities (4 GiB in float32) the matrix is built in row blocks. Blocks cap the
+# memory but cost time (each is computed again in the backward pass; benchmarks/contrastive_loss.py).
+BLOCK_ELEMENTS = 1 << 30
 
 
 class _MaskedSimilarities(torch.autograd.Function):
