@@ -105,6 +105,27 @@ def record_ablation(workdir, args, rows, stage2_dir):
               f"contrastive top-1 {record['contrastive_top1']}, stage 2 {record['stage2_minutes']:.1f} min", flush=True)
 
 
+def print_ablation(workdir):
+    """The ablation table: the last record of each (tag, detector, fraction) in ablation.jsonl."""
+    path = os.path.join(workdir, "ablation.jsonl")
+    if not os.path.exists(path):
+        sys.exit(f"pretrain_gain.py: no {path} yet: run a variant with --runs a b first")
+    records = {}
+    for line in open(path):
+        r = json.loads(line)
+        records[(r["tag"], r["detector"], r["fraction"])] = r
+    print("| candidate | detector | labels | AP (a) → (b) per fold | gain | contrastive top-1 | matched instances "
+          "| stage 2 min |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (tag, detector, fraction), r in sorted(records.items(), key=lambda kv: (kv[0][1], kv[0][0] != "default")):
+        folds = ", ".join(f"{v['a']:.3f} → {v['b']:.3f}" for _, v in sorted(r["folds"].items()))
+        top1 = "" if r["contrastive_top1"] is None else f"{r['contrastive_top1']:.3f}"
+        matched = "" if r["matched_instances"] is None else f"{r['matched_instances']:.0f}"
+        args = " ".join(r["box_args"] + r["finetune_args"])
+        print(f"| {tag}{f' (`{args}`)' if args else ''} | {detector} | {fraction:.0%} | {folds} | "
+              f"{r['gain'] * 100:+.1f} | {top1} | {matched} | {r['stage2_minutes']:.1f} |")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="outputs/pretrain_gain", help="all runs go here; finished runs are reused")
@@ -118,7 +139,11 @@ def main():
     p.add_argument("--finetune-args", type=shlex.split, default=[],
                    help="extra finetune.py arguments for every run, one quoted string")
     p.add_argument("--tag", default="", help="name of this variant: its runs get their own folders")
+    p.add_argument("--summary", action="store_true", help="print the table of ablation.jsonl and stop")
     args = p.parse_args()
+    if args.summary:
+        print_ablation(args.workdir)
+        return
     os.makedirs(args.workdir, exist_ok=True)
     os.chdir(ROOT)
     w, seed = args.workdir, ["--seed", str(args.seed)]

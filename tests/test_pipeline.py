@@ -122,3 +122,10 @@ def test_gain_benchmark_runs_each_stage_once_and_both_arms_on_one_schedule(tmp_p
     assert [r["tag"] for r in lines] == ["default", "default", "n2k", "recipe"]
     assert lines[2]["box_args"] == ["--num-samples", "2048"] and lines[2]["gain"] == 0.0
     assert set(lines[2]["folds"]) == {"0", "1"}
+    capsys.readouterr()
+    monkeypatch.setattr("sys.argv", ["pretrain_gain.py", "--workdir", str(tmp_path / "gain"), "--summary"])
+    pretrain_gain.main()
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 2 + 3  # header, rule, one row per variant (the repeated default once)
+    assert table[2].startswith("| default | faster_rcnn | 10% | 0.200 → 0.200, 0.200 → 0.200 | +0.0 |")
+    assert "n2k (`--num-samples 2048`)" in table[3] and "recipe (`--lr 0.03 --weight-decay 5e-5`)" in table[4]
