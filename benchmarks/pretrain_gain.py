@@ -27,7 +27,7 @@ tag, detector, per-fold AP of (a) and (b), gain, stage 2's final contrastive
 top-1 and matched instances, and minutes.
 
     python benchmarks/pretrain_gain.py --detector retinanet --runs a b --fractions 0.1 \
-        --tag samples2048 --box-args="--num-samples 2048"
+        --tag samples256 --box-args="--num-samples 256"
     python benchmarks/pretrain_gain.py --detector retinanet --runs a b --fractions 0.1 \
         --tag recipe --finetune-args="--lr 0.03 --weight-decay 5e-5"
 """
@@ -165,7 +165,7 @@ def main():
     if "b" in args.runs:
         inits["b"] = stage(stages, "stage 2 (train_box.py)", ["train_box.py", "--detector", args.detector, "--init", inits["a"],
                                                       *seed, *args.box_args],
-                           os.path.join(w, "stage2" + suffix + box_tag), os.path.join(w, f"stage2{suffix}{box_tag}.log"))
+                           os.path.join(w, f"stage2{suffix}{box_tag}"), os.path.join(w, f"stage2{suffix}{box_tag}.log"))
 
     runs = [r for r in RUNS if r in args.runs]
     rows, panels = [], {}
@@ -186,7 +186,7 @@ def main():
 
     print_table(rows, runs, args.fractions)
     if "a" in runs and "b" in runs:
-        record_ablation(w, args, rows, os.path.join(w, "stage2" + suffix + box_tag))
+        record_ablation(w, args, rows, os.path.join(w, f"stage2{suffix}{box_tag}"))
     png = os.path.join(w, f"ap_curves{suffix}.png")
     colours = dict(zip(RUNS.values(), [CURVE_COLOURS[i] for i in (0, 1, 3, 2)]))  # (b) orange, as in make demo
     ap_curves_figure(panels, width=max(900, 450 * len(panels)), colours=colours).save(png)

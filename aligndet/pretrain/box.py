@@ -68,7 +68,7 @@ class AlignDet(nn.Module):
 
     def train(self, mode=True):
         super().train(mode)
-        self.body.eval()  # frozen: batch-norm statistics from stage 1, always
+        self.body.eval()  # frozen: fixed batch-norm statistics (stage 1's, or recalibrate_batch_norm's)
         return self
 
     def _branch(self, detector, embed, views, with_losses):
@@ -102,7 +102,7 @@ class AlignDet(nn.Module):
     @torch.no_grad()
     def recalibrate_batch_norm(self, batches, num_batches, device):
         """Recompute the frozen backbone's batch-norm statistics on ``num_batches`` batches of
-        views (both views of each), as averages over them, before stage 2 (docs/method.md §3.2):
+        views (both views of each), as averages over them, before stage 2 (docs/method.md §3.1):
         stage 1's statistics come from object crops, fine-tuning normalises scenes. Weights are
         unchanged. Returns the number of batches used (0: the backbone has no batch norm)."""
         norms = [m for m in self.body.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]

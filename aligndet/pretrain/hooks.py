@@ -169,19 +169,13 @@ def dense_box_domain(detector, body_features, image_sizes, padded_size, proposal
     classification = detector.head.classification_head
     num_anchors = classification.num_anchors
     towers = [classification.conv(x) for x in features]
-    if isinstance(embedding_head, DenseEmbeddingHead):
-        # Only the kept predictions need an embedding: the last 1x1 conv runs at their locations.
-        hidden = torch.cat([flatten_predictions(embedding_head.hidden(t), 1) for t in towers], 1)  # [B, L, C]
-    else:
-        embeddings = torch.cat([flatten_predictions(embedding_head(t), num_anchors) for t in towers], 1)  # [B, T, D]
     matched = [detector.match(anchors, p["boxes"], level_sizes) for p in proposals]
     boxes = [p["boxes"] for p in proposals]
     losses = {}
     if with_losses:
         losses = detector.regression_losses(detector.head.regression_head(features), anchors, matched, boxes)
     if with_losses and getattr(embedding_head, "centerness", None) is not None:  # FCOS, stage-2-only branch
-        logits = torch.cat([flatten_predictions(embedding_head.centerness(t), classification.num_anchors)
-                            for t in towers], 1)                             # [B, T, 1]
+        logits = torch.cat([flatten_predictions(embedding_head.centerness(t), num_anchors) for t in towers], 1)
         positive, target = detector.centerness_targets(anchors, matched, boxes)
         losses["loss_centerness_cls"] = F.binary_cross_entropy_with_logits(
             logits[positive].squeeze(1).float(), target, reduction="sum") / max(1, int(positive.sum()))
@@ -193,9 +187,12 @@ def dense_box_domain(detector, body_features, image_sizes, padded_size, proposal
         ids[i, positive] = p["ids"][matched[i, positive]]
     picks = sample_positives_first(matched, num_samples, per_image)         # flat over B * T
     if isinstance(embedding_head, DenseEmbeddingHead):
+        # Only the kept predictions need an embedding: the last 1x1 conv runs at their locations.
+        hidden = torch.cat([flatten_predictions(embedding_head.hidden(t), 1) for t in towers], 1)  # [B, L, C]
         image, prediction = picks // matched.shape[1], picks % matched.shape[1]
         kept = embedding_head.project(hidden[image, prediction // num_anchors], prediction % num_anchors)
-    else:
+    else:  # any module [B, C, H, W] -> [B, A * D, H, W]
+        embeddings = torch.cat([flatten_predictions(embedding_head(t), num_anchors) for t in towers], 1)  # [B, T, D]
         kept = embeddings.flatten(0, 1)[picks]
     return {"embeddings": kept, "ids": ids.flatten()[picks], "losses": losses}
 
@@ -222,7 +219,7 @@ def sample_positives_first(matched: Tensor, num_samples: int, per_image: bool = 
 class BoxDomainHook(NamedTuple):
     """What ``AlignDet`` needs of one detector family.
 
-    embedding_head(detector, dim) -> the projection MLP;
+    embedding_head(detector, dim, **options) -> the projection MLP;
     forward(detector, body_features, image_sizes, padded_size, proposals, embedding_head, num_samples,
             with_losses=True) -> dict;
     classifier_layers: name prefixes of the classifier the MLP replaces (frozen in
