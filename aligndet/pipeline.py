@@ -88,7 +88,11 @@ class Stages:
         if code != 0:
             where = f"; see {log_path}" if log_path else ""
             sys.exit(f"pipeline: {name} failed (exit {code}){where}; run the same command again to resume it")
-        self.done[name] = round(time.time() - start, 1)
+        seconds = round(time.time() - start, 1)
+        # Another runner may share this folder (two ablations at once): merge with what it recorded meanwhile.
+        if os.path.isfile(self.path):
+            self.done = {**json.load(open(self.path)), **self.done}
+        self.done[name] = seconds
         atomic_write(self.path, lambda f: f.write(json.dumps(self.done, indent=1).encode()))
         return self.done[name]
 

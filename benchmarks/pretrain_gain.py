@@ -106,14 +106,19 @@ def record_ablation(workdir, args, rows, stage2_dir):
 
 
 def print_ablation(workdir):
-    """The ablation table: the last record of each (tag, detector, fraction) in ablation.jsonl."""
+    """The ablation table: one row per (tag, detector, fraction) of ablation.jsonl, with every fold it was run on
+    (a fold run twice counts its last run)."""
     path = os.path.join(workdir, "ablation.jsonl")
     if not os.path.exists(path):
         sys.exit(f"pretrain_gain.py: no {path} yet: run a variant with --runs a b first")
     records = {}
     for line in open(path):
         r = json.loads(line)
-        records[(r["tag"], r["detector"], r["fraction"])] = r
+        key = (r["tag"], r["detector"], r["fraction"])
+        if key in records:  # the same variant on other folds (e.g. the held-out fold 2): one row, every fold
+            r["folds"] = {**records[key]["folds"], **r["folds"]}
+            r["gain"] = sum(v["b"] - v["a"] for v in r["folds"].values()) / len(r["folds"])
+        records[key] = r
     print("| candidate | detector | labels | AP (a) → (b) per fold | gain | contrastive top-1 | matched instances "
           "| stage 2 min |")
     print("|---|---|---|---|---|---|---|---|")
@@ -138,6 +143,8 @@ def main():
                    help='extra train_box.py arguments, one quoted string: --box-args="--num-samples 2048"')
     p.add_argument("--finetune-args", type=shlex.split, default=[],
                    help="extra finetune.py arguments for every run, one quoted string")
+    p.add_argument("--folds", type=int, nargs="+", default=None,
+                   help="label folds to fine-tune on (default: the schedule's, folds 0 and 1 at the low fractions)")
     p.add_argument("--tag", default="", help="name of this variant: its runs get their own folders")
     p.add_argument("--summary", action="store_true", help="print the table of ablation.jsonl and stop")
     args = p.parse_args()
@@ -170,7 +177,8 @@ def main():
     runs = [r for r in RUNS if r in args.runs]
     rows, panels = [], {}
     for fraction in args.fractions:
-        for fold in SCHEDULES[fraction][3]:
+        folds = args.folds if args.folds is not None and fraction < 1 else SCHEDULES[fraction][3]
+        for fold in folds:
             results = {}
             for name in runs:
                 # A run is shared with the untagged one unless the tag changes it.
@@ -179,7 +187,7 @@ def main():
                 results[name] = finetune(stages, inits[name], out, fraction, fold, args.seed, args.detector,
                                          args.finetune_args)
                 print(f"fraction {fraction:g} fold {fold} {RUNS[name]}: AP {results[name][-1]['AP']:.4f}", flush=True)
-                if fold == SCHEDULES[fraction][3][0]:
+                if fold == folds[0]:
                     title = f"{args.detector}, {fraction:.0%} labels, fold {fold}: AP vs fine-tuning epoch"
                     panels.setdefault(title, {})[RUNS[name]] = [(m["epoch"], m["AP"]) for m in results[name]]
             rows.append((fraction, fold, results))

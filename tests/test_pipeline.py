@@ -129,3 +129,24 @@ def test_gain_benchmark_runs_each_stage_once_and_both_arms_on_one_schedule(tmp_p
     assert len(table) == 2 + 3  # header, rule, one row per variant (the repeated default once)
     assert table[2].startswith("| default | faster_rcnn | 10% | 0.200 → 0.200, 0.200 → 0.200 | +0.0 |")
     assert "n2k (`--num-samples 2048`)" in table[3] and "recipe (`--lr 0.03 --weight-decay 5e-5`)" in table[4]
+
+    # The held-out fold of a variant: only that fold runs, and the table shows all three folds in one row.
+    calls.clear()
+    monkeypatch.setattr("sys.argv", argv + ["--tag", "n2k", "--box-args=--num-samples 2048", "--folds", "2"])
+    pretrain_gain.main()
+    assert [c[c.index("--fold") + 1] for c in calls] == ["2", "2"]
+    assert calls[0][calls[0].index("--output-dir") + 1].endswith("ft_a_0.1_fold2")  # (a) is shared by the variants
+    capsys.readouterr()
+    monkeypatch.setattr("sys.argv", ["pretrain_gain.py", "--workdir", str(tmp_path / "gain"), "--summary"])
+    pretrain_gain.main()
+    n2k = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| n2k")]
+    assert len(n2k) == 1 and n2k[0].count("0.200 → 0.200") == 3
+
+
+def test_two_runners_sharing_a_folder_keep_each_others_stages(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline.subprocess, "call", lambda argv, cwd: 0)
+    first, second = pipeline.Stages(str(tmp_path)), pipeline.Stages(str(tmp_path))  # both read an empty record
+    first.run("one", "stage one", ["x.py"])
+    second.run("two", "stage two", ["y.py"])
+    assert set(json.load(open(tmp_path / "stages.json"))) == {"one", "two"}
+    assert set(pipeline.Stages(str(tmp_path)).done) == {"one", "two"}
