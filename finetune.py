@@ -104,6 +104,9 @@ def get_args_parser():
                         "torchvision:<Enum>.<NAME> (e.g. torchvision:ResNet50_Weights.IMAGENET1K_V2), or a "
                         "MoCo / SwAV / DINO / DenseCL checkpoint")
     m.add_argument("--keep-heads", action="store_true", help="with --init, keep the final output layers too")
+    m.add_argument("--init-skip", nargs="+", default=[], metavar="PREFIX",
+                   help="with a detector --init, also leave the modules under these key prefixes at their "
+                   "initialisation (e.g. head.classification_head.: transfer only the regression tower)")
 
     add_step_schedule_arguments(p, "passes over the (labelled) training set")
 
@@ -157,8 +160,11 @@ def build_model(args, num_classes, log):
     if args.init:  # every --init source carries a backbone: skip the preset's (a download for coco)
         options["backbone_weights"] = None
     model = build_detector(args.detector, num_classes, backbone=args.backbone, **options)
-    for path in args.init:
-        load_pretrained(model, path, keep_heads=args.keep_heads, log=log, detector=args.detector)
+    sources = [load_pretrained(model, path, keep_heads=args.keep_heads, log=log, detector=args.detector,
+                               skip=args.init_skip)["source"] for path in args.init]
+    if args.init_skip and "detector" not in sources:
+        raise CheckpointError("--init-skip needs a detector checkpoint in --init (train_box.py or finetune.py); "
+                              f"got backbone weights only: {' '.join(args.init)}")
     return model
 
 

@@ -81,14 +81,15 @@ PRESETS = {
     # than there are images, or it is full of the images' own earlier keys.
     ("demo", "mocov2"): dict(arch="resnet18", epochs=10, batch_size=64, optimizer="sgd", lr=0.24,
                              weight_decay=5e-4, warmup_epochs=1, crop_size=64, crop_scale=[0.2, 1.0],
-                             val_resize=64, hflip=0.5, eval_every=2, queue_size=1024, moco_momentum=0.99),
+                             val_resize=64, hflip=0.5, eval_every=2, queue_size=1024, moco_momentum=0.99,
+                             blur_sigma=[0.1, 2.0], jitter_strength=0.5, grayscale=0.2),
     ("imagenet", "supervised"): dict(arch="resnet50", epochs=90, batch_size=32, optimizer="sgd", lr=0.1,
                                      weight_decay=1e-4, warmup_epochs=0, crop_size=224, crop_scale=[0.08, 1.0],
                                      val_resize=256, hflip=0.5, eval_every=1),
     ("imagenet", "mocov2"): dict(arch="resnet50", epochs=200, batch_size=32, optimizer="sgd", lr=0.03,
                                  weight_decay=1e-4, warmup_epochs=0, crop_size=224, crop_scale=[0.2, 1.0],
                                  val_resize=256, hflip=0.5, eval_every=10, queue_size=65536,
-                                 moco_momentum=0.999),
+                                 moco_momentum=0.999, blur_sigma=[0.1, 2.0], jitter_strength=0.5, grayscale=0.2),
 }
 
 
@@ -119,6 +120,11 @@ def get_args_parser():
     m.add_argument("--crop-scale", type=float, nargs=2, help="random-resized-crop area range")
     m.add_argument("--val-resize", type=int, help="short side before the centre crop at evaluation")
     m.add_argument("--hflip", type=float, help="horizontal-flip probability (supervised)")
+    m.add_argument("--blur-sigma", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="Gaussian-blur sigma range in pixels (mocov2)")
+    m.add_argument("--jitter-strength", type=float, help="colour-jitter strength s: brightness, contrast and "
+                   "saturation 0.8 s, hue 0.2 s (mocov2)")
+    m.add_argument("--grayscale", type=float, help="grayscale probability (mocov2)")
     mo = p.add_argument_group("MoCo v2")
     mo.add_argument("--moco-dim", type=int, default=128, help="embedding width of the MLP head")
     mo.add_argument("--queue-size", type=int, help="negative keys kept in the queue")
@@ -159,7 +165,8 @@ def build_datasets(args, log):
             raise ValueError(f"--method supervised needs class folders <class>/<image> under {args.train} "
                              f"(found {len(train.classes)} classes, {train.unlabeled} images outside them)")
     else:
-        view = build_moco_v2_transform(args.crop_size, tuple(args.crop_scale))
+        view = build_moco_v2_transform(args.crop_size, tuple(args.crop_scale), blur_sigma=args.blur_sigma,
+                                       jitter_strength=args.jitter_strength, grayscale=args.grayscale)
         train = ImageFolder(args.train, TwoCrops(view))
     log(f"train: {train.summary()}")
     evaluation = classification_eval_transforms(args.crop_size, args.val_resize)

@@ -76,7 +76,7 @@ def _state_dict_of(checkpoint):
     return checkpoint
 
 
-def load_pretrained(model, path, keep_heads=False, log=print, detector=None):
+def load_pretrained(model, path, keep_heads=False, log=print, detector=None, skip=()):
     """Initialise ``model`` from a stage checkpoint or an imported backbone and print what happened.
 
     Accepted sources (AlignDet's transfer, docs/method.md §3.8):
@@ -92,11 +92,16 @@ def load_pretrained(model, path, keep_heads=False, log=print, detector=None):
         DenseCL checkpoints, ``torchvision:ResNet50_Weights.IMAGENET1K_V2``,
         ``imagenet``); loaded into ``model.backbone.body``.
 
+    ``skip``: more key prefixes to leave at their initialisation when the source is a detector
+    checkpoint (e.g. ``("head.classification_head.",)``: transfer the regression tower only);
+    backbone weights ignore it.
+
+    Returns a dict of key lists: loaded, reinitialised, unexpected, mismatched, and
+    ``source``: "detector" or "backbone".
+
     ``detector``: the registry name of ``model``; a train_box.py / finetune.py
     checkpoint of another detector is refused (it would load only the backbone
     and part of the neck).
-
-    Returns a dict of key lists: loaded, reinitialised, unexpected, mismatched.
     """
     checkpoint = load_checkpoint(path) if Path(path).is_file() else None
     if detector and isinstance(checkpoint, dict) and checkpoint.get("stage") in ("box", "finetune"):
@@ -106,7 +111,7 @@ def load_pretrained(model, path, keep_heads=False, log=print, detector=None):
                                   f"(got --detector {detector})")
     state = _state_dict_of(checkpoint) if isinstance(checkpoint, dict) else None
     if state and any(k.startswith("backbone.body.") for k in state):
-        return _load_detector(model, path, state, keep_heads, log)
+        return _load_detector(model, path, state, keep_heads, log, tuple(skip))
     report = load_backbone_weights(model.backbone.body, path, log)
     loaded = ["backbone.body." + k for k in report["loaded"]]
     reinitialised = [k for k in model.state_dict() if k not in loaded and not k.endswith("num_batches_tracked")]
@@ -115,14 +120,17 @@ def load_pretrained(model, path, keep_heads=False, log=print, detector=None):
         shown = summarize_keys(rest, lambda k: _module(k, depth=2), counts=False)
         log(f"  rest of the model (initialised as usual): {shown}")
     return dict(loaded=loaded, reinitialised=reinitialised, unexpected=report["unexpected"],
-                mismatched=["backbone.body." + m for m in report["mismatched"]])
+                mismatched=["backbone.body." + m for m in report["mismatched"]], source="backbone")
 
 
-def _load_detector(model, path, state, keep_heads, log):
+def _load_detector(model, path, state, keep_heads, log, more_skip=()):
     if not all(torch.is_tensor(v) for v in state.values()):
         raise CheckpointError(f"{path} holds no state dict of tensors")
     own = model.state_dict()
-    skip = () if keep_heads else tuple(getattr(model, "OUTPUT_LAYERS", ()))
+    unknown = [p for p in more_skip if not any(k.startswith(p) for k in own)]
+    if unknown:
+        raise CheckpointError(f"no key of the model starts with {', '.join(unknown)} (e.g. {next(iter(own))})")
+    skip = (() if keep_heads else tuple(getattr(model, "OUTPUT_LAYERS", ()))) + more_skip
     loaded, unexpected, mismatched, new_state = [], [], [], {}
     for key, value in state.items():
         if key not in own:
@@ -138,7 +146,8 @@ def _load_detector(model, path, state, keep_heads, log):
     reinitialised = [k for k in own if k not in new_state and not k.endswith("num_batches_tracked")]
     if not loaded:
         raise CheckpointError(f"{path}: no tensor matches the model; is it for another architecture?")
-    report = dict(loaded=loaded, reinitialised=reinitialised, unexpected=unexpected, mismatched=mismatched)
+    report = dict(loaded=loaded, reinitialised=reinitialised, unexpected=unexpected, mismatched=mismatched,
+                  source="detector")
     groups = {}
     for key in loaded:
         group = ".".join(key.split(".")[:2]) if key.startswith("backbone.") else key.split(".")[0]

@@ -22,7 +22,8 @@ Ablations: ``--tag NAME`` names a variant; its stage 2 and fine-tuning runs get
 their own folders in the same workdir, next to the shared stage 1 and the
 untagged (a) runs. ``--box-args`` changes stage 2 (then (a) is reused);
 ``--finetune-args`` changes fine-tuning of every run (then (a) is re-run under
-the tag too). Each run appends a line to ``ablation.jsonl`` in the workdir:
+the tag too); ``--transfer-args`` changes how (b) takes stage 2's weights
+(``--init-skip``, ``--keep-heads``; (a) is reused). Each run appends a line to ``ablation.jsonl`` in the workdir:
 tag, detector, per-fold AP of (a) and (b), gain, stage 2's final contrastive
 top-1 and matched instances, and minutes.
 
@@ -94,6 +95,7 @@ def record_ablation(workdir, args, rows, stage2_dir):
         gains = [b - a for _, a, b in folds]
         record = {"tag": args.tag or "default", "detector": args.detector, "fraction": fraction,
                   "box_args": args.box_args, "finetune_args": args.finetune_args,
+                  "transfer_args": args.transfer_args,
                   "folds": {fold: {"a": a, "b": b} for fold, a, b in folds},
                   "gain": sum(gains) / len(gains),
                   "contrastive_top1": last.get("train_contrastive_accuracy"),
@@ -126,7 +128,7 @@ def print_ablation(workdir):
         folds = ", ".join(f"{v['a']:.3f} → {v['b']:.3f}" for _, v in sorted(r["folds"].items()))
         top1 = "" if r["contrastive_top1"] is None else f"{r['contrastive_top1']:.3f}"
         matched = "" if r["matched_instances"] is None else f"{r['matched_instances']:.0f}"
-        args = " ".join(r["box_args"] + r["finetune_args"])
+        args = " ".join(r["box_args"] + r["finetune_args"] + r.get("transfer_args", []))
         print(f"| {tag}{f' (`{args}`)' if args else ''} | {detector} | {fraction:.0%} | {folds} | "
               f"{r['gain'] * 100:+.1f} | {top1} | {matched} | {r['stage2_minutes']:.1f} |")
 
@@ -143,6 +145,9 @@ def main():
                    help='extra train_box.py arguments, one quoted string: --box-args="--num-samples 2048"')
     p.add_argument("--finetune-args", type=shlex.split, default=[],
                    help="extra finetune.py arguments for every run, one quoted string")
+    p.add_argument("--transfer-args", type=shlex.split, default=[],
+                   help="extra finetune.py arguments for the (b) runs only, on how stage 2's weights transfer: "
+                   '--transfer-args="--init-skip head.classification_head." ((a) has no stage-2 weights)')
     p.add_argument("--folds", type=int, nargs="+", default=None,
                    help="label folds to fine-tune on (default: the schedule's, folds 0 and 1 at the low fractions)")
     p.add_argument("--tag", default="", help="name of this variant: its runs get their own folders")
@@ -182,10 +187,10 @@ def main():
             results = {}
             for name in runs:
                 # A run is shared with the untagged one unless the tag changes it.
-                changed = args.finetune_args or (name == "b" and args.box_args)
+                changed = args.finetune_args or (name == "b" and (args.box_args or args.transfer_args))
                 out = os.path.join(w, f"ft_{name}_{fraction:g}_fold{fold}{suffix}{tag if changed else ''}")
-                results[name] = finetune(stages, inits[name], out, fraction, fold, args.seed, args.detector,
-                                         args.finetune_args)
+                extra = args.finetune_args + (args.transfer_args if name == "b" else [])
+                results[name] = finetune(stages, inits[name], out, fraction, fold, args.seed, args.detector, extra)
                 print(f"fraction {fraction:g} fold {fold} {RUNS[name]}: AP {results[name][-1]['AP']:.4f}", flush=True)
                 if fold == folds[0]:
                     title = f"{args.detector}, {fraction:.0%} labels, fold {fold}: AP vs fine-tuning epoch"

@@ -97,3 +97,24 @@ def test_two_process_ddp_run(squares_coco, tmp_path):
         metrics = json.load(f)
     assert metrics[-1]["images"] == 12  # both ranks' detections gathered on rank 0
     assert load_checkpoint(os.path.join(out, "checkpoint.pth"))["epoch"] == 1
+
+
+def test_init_skip_needs_a_detector_checkpoint(squares_coco, tmp_path):
+    """--init-skip names detector modules: with backbone weights alone it is refused, with a detector it applies."""
+    import torchvision
+    from aligndet.checkpoint import CheckpointError
+    backbone = tmp_path / "stage1.pth"
+    torch.save({"backbone": torchvision.models.resnet18().state_dict()}, backbone)
+    argv = _data_args(squares_coco) + SMALL + ["--init", str(backbone), "--init-skip", "rpn."]
+    args = finetune.get_args_parser().parse_args(argv)
+    with pytest.raises(CheckpointError, match="--init-skip needs a detector checkpoint"):
+        finetune.build_model(args, num_classes=3, log=lambda *a: None)
+    detector = tmp_path / "detector.pth"
+    source = finetune.build_model(finetune.get_args_parser().parse_args(_data_args(squares_coco) + SMALL), 3,
+                                  log=lambda *a: None)
+    torch.save({"model": source.state_dict()}, detector)
+    args = finetune.get_args_parser().parse_args(argv[:-4] + ["--init", str(detector), "--init-skip", "rpn."])
+    model = finetune.build_model(args, num_classes=3, log=lambda *a: None)
+    own, src = model.state_dict(), source.state_dict()
+    assert all(not torch.equal(own[k], src[k]) for k in own if k.startswith("rpn.") and k.endswith("weight"))
+    assert torch.equal(own["backbone.fpn.layer_blocks.0.0.weight"], src["backbone.fpn.layer_blocks.0.0.weight"])

@@ -387,4 +387,13 @@ def test_transform_gives_two_different_views():
         assert type(q) is torch.Tensor  # not a tv_tensors.Image
     blur = [t for t in build_moco_v2_transform(size=224).transforms if isinstance(t, T.RandomApply)][-1]
     assert blur.p == 0.5 and blur.transforms[0].kernel_size == (23, 23)  # ~10% of 224, odd
+    assert list(blur.transforms[0].sigma) == [0.1, 2.0]  # SimCLR's range at 224 px
+    blur = [t for t in build_moco_v2_transform(size=64, blur_sigma=(0.03, 0.6)).transforms
+            if isinstance(t, T.RandomApply)][-1]
+    assert list(blur.transforms[0].sigma) == [0.03, 0.6] and blur.transforms[0].kernel_size == (7, 7)
+    jitter, gray = build_moco_v2_transform(size=224).transforms[2:4]  # MoCo v2's (0.4, 0.4, 0.4, 0.1), p 0.8
+    assert jitter.p == 0.8 and jitter.transforms[0].brightness == (0.6, 1.4) and jitter.transforms[0].hue == (-0.1, 0.1)
+    assert gray.p == 0.2
+    jitter, gray = build_moco_v2_transform(size=64, jitter_strength=1.0, grayscale=0.5).transforms[2:4]
+    assert jitter.transforms[0].saturation == pytest.approx((0.2, 1.8)) and jitter.transforms[0].hue == (-0.2, 0.2) and gray.p == 0.5
 

@@ -142,6 +142,15 @@ def test_gain_benchmark_runs_each_stage_once_and_both_arms_on_one_schedule(tmp_p
     n2k = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| n2k")]
     assert len(n2k) == 1 and n2k[0].count("0.200 → 0.200") == 3
 
+    # A variant of the transfer changes (b) only: (a) and stage 2 are reused.
+    calls.clear()
+    monkeypatch.setattr("sys.argv", argv + ["--tag", "regonly", "--transfer-args=--init-skip head.classification_head."])
+    pretrain_gain.main()
+    assert [c[c.index("--fold") + 1] for c in calls] == ["0", "1"]
+    assert all(c[-2:] == ["--init-skip", "head.classification_head."] for c in calls)
+    assert all(c[c.index("--init") + 1].endswith(os.path.join("stage2", "checkpoint.pth")) for c in calls)
+    assert all(c[c.index("--output-dir") + 1].endswith("_regonly") for c in calls)
+
 
 def test_two_runners_sharing_a_folder_keep_each_others_stages(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline.subprocess, "call", lambda argv, cwd: 0)

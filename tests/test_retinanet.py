@@ -13,7 +13,7 @@ from torch import nn
 from torchvision.models.detection import RetinaNet as TVRetinaNet
 from torchvision.ops import box_iou
 
-from aligndet.checkpoint import load_pretrained
+from aligndet.checkpoint import CheckpointError, load_pretrained
 from aligndet.convert import from_torchvision, to_torchvision
 from aligndet.models.matcher import IGNORE
 from aligndet.models.retinanet import RetinaNet, build_retinanet
@@ -396,3 +396,20 @@ def test_transfer_reinitialises_output_layers(tmp_path, keep_heads):
         source = own if output_layer and not keep_heads else pretrained
         assert torch.equal(value, source[key]), key
         assert (key in report["reinitialised"]) == (output_layer and not keep_heads), key
+
+
+def test_transfer_can_leave_a_whole_tower_at_its_initialisation(tmp_path):
+    """--init-skip: the classification tower stays as initialised, the regression tower and the rest load."""
+    pretrained = _small_detector(seed=1).state_dict()
+    path = tmp_path / "stage2.pth"
+    torch.save({"model": pretrained}, path)
+    model = _small_detector(seed=2)
+    own = {k: v.clone() for k, v in model.state_dict().items()}
+    report = load_pretrained(model, str(path), log=lambda *a: None, skip=["head.classification_head."])
+    assert report["source"] == "detector"
+    for key, value in model.state_dict().items():
+        fresh = key.startswith(("head.classification_head.", *RetinaNet.OUTPUT_LAYERS))
+        assert torch.equal(value, (own if fresh else pretrained)[key]), key
+    assert any(k.startswith("head.regression_head.conv") for k in report["loaded"])
+    with pytest.raises(CheckpointError, match="no key of the model starts with head.cls_tower."):
+        load_pretrained(model, str(path), log=lambda *a: None, skip=["head.cls_tower."])

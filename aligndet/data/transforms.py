@@ -60,17 +60,22 @@ def classification_eval_transforms(size=224, resize=256):
     ])
 
 
-def build_moco_v2_transform(size=224, scale=(0.2, 1.0), blur=True):
+def build_moco_v2_transform(size=224, scale=(0.2, 1.0), blur=True, blur_sigma=(0.1, 2.0), jitter_strength=0.5,
+                            grayscale=0.2):
     """MoCo v2's augmentation (its ``aug_plus``): PIL image -> float tensor
     [3, size, size], normalised with the ImageNet mean and std. The blur
-    kernel is ~10% of ``size`` (odd, at least 3), as in SimCLR."""
+    kernel is ~10% of ``size`` (odd, at least 3), as in SimCLR; its sigma range
+    ``blur_sigma`` (pixels) is SimCLR's for 224-px crops by default. Colour
+    jitter has SimCLR's strength parameterisation, (0.8 s, 0.8 s, 0.8 s, 0.2 s)
+    for brightness, contrast, saturation and hue; MoCo v2 uses s = 0.5 and
+    grayscale with probability 0.2."""
     kernel = max(3, int(0.1 * size) // 2 * 2 + 1)
     return T.Compose([
         T.ToImage(),
         T.RandomResizedCrop(size, scale=scale, antialias=True),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        *([T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5)] if blur else []),
+        T.RandomApply([T.ColorJitter(*[0.8 * jitter_strength] * 3, min(0.5, 0.2 * jitter_strength))], p=0.8),
+        T.RandomGrayscale(p=grayscale),
+        *([T.RandomApply([T.GaussianBlur(kernel, sigma=tuple(blur_sigma))], p=0.5)] if blur else []),
         T.RandomHorizontalFlip(),
         T.ToDtype(torch.float32, scale=True),
         T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
