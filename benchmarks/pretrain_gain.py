@@ -133,6 +133,37 @@ def print_ablation(workdir):
               f"{r['gain'] * 100:+.1f} | {top1} | {matched} | {r['stage2_minutes']:.1f} |")
 
 
+def epoch_losses(log_path, epoch):
+    """Mean of each logged ``loss_*`` term over the logged steps of ``epoch`` in a finetune.py log.jsonl."""
+    steps = [r for r in map(json.loads, open(log_path)) if r.get("epoch") == epoch and "iter" in r]
+    terms = sorted({k for r in steps for k in r if k.startswith("loss_")})
+    return {k: sum(r[k] for r in steps) / len(steps) for k in terms} if steps else {}
+
+
+def print_losses(workdir):
+    """Fine-tuning losses of every run in the workdir, first and last epoch: which part of the
+    detector a pre-training helps (box regression) or slows (classification)."""
+    runs = sorted(d for d in os.listdir(workdir) if d.startswith("ft_")
+                  and os.path.isfile(os.path.join(workdir, d, "log.jsonl")))
+    if not runs:
+        sys.exit(f"pretrain_gain.py: no fine-tuning runs in {workdir}")
+    print("| run | epochs | first epoch: " + " / ".join(["cls", "box", "ctr"]) + " | last epoch: cls / box / ctr "
+          "| last AP |")
+    print("|---|---|---|---|---|")
+    for run in runs:
+        log = os.path.join(workdir, run, "log.jsonl")
+        epochs = [r["epoch"] for r in map(json.loads, open(log)) if "iter" in r]
+        first, last = epoch_losses(log, min(epochs)), epoch_losses(log, max(epochs))
+        metrics = os.path.join(workdir, run, "metrics.json")
+        ap = (lambda m: f"{m['AP']:.4f} (epoch {m['epoch']})")(json.load(open(metrics))[-1]) \
+            if os.path.isfile(metrics) else ""
+
+        def fmt(losses):
+            names = ("loss_classifier", "loss_box_reg", "loss_centerness")
+            return " / ".join(f"{losses[n]:.3f}" if n in losses else "–" for n in names)
+        print(f"| {run} | {max(epochs) + 1} | {fmt(first)} | {fmt(last)} | {ap} |")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="outputs/pretrain_gain", help="all runs go here; finished runs are reused")
@@ -152,9 +183,11 @@ def main():
                    help="label folds to fine-tune on (default: the schedule's, folds 0 and 1 at the low fractions)")
     p.add_argument("--tag", default="", help="name of this variant: its runs get their own folders")
     p.add_argument("--summary", action="store_true", help="print the table of ablation.jsonl and stop")
+    p.add_argument("--losses", action="store_true",
+                   help="print every fine-tuning run's first- and last-epoch losses in --workdir and stop")
     args = p.parse_args()
-    if args.summary:
-        print_ablation(args.workdir)
+    if args.summary or args.losses:
+        (print_ablation if args.summary else print_losses)(args.workdir)
         return
     os.makedirs(args.workdir, exist_ok=True)
     os.chdir(ROOT)

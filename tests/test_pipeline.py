@@ -159,3 +159,20 @@ def test_two_runners_sharing_a_folder_keep_each_others_stages(tmp_path, monkeypa
     second.run("two", "stage two", ["y.py"])
     assert set(json.load(open(tmp_path / "stages.json"))) == {"one", "two"}
     assert set(pipeline.Stages(str(tmp_path)).done) == {"one", "two"}
+
+
+def test_gain_benchmark_prints_first_and_last_epoch_losses(tmp_path, monkeypatch, capsys):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.syspath_prepend(os.path.join(root, "benchmarks"))
+    import pretrain_gain
+
+    run = tmp_path / "ft_a_0.1_fold0_fcos"
+    run.mkdir()
+    steps = [{"epoch": e, "iter": i, "loss": 1.0, "loss_classifier": c, "loss_box_reg": 0.5}
+             for e, c in ((0, 0.8), (0, 0.6), (1, 0.2), (1, 0.4))]
+    with open(run / "log.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in steps + [{"epoch": 1, "epoch_time": 3.0}])
+    json.dump([{"epoch": 2, "AP": 0.25}], open(run / "metrics.json", "w"))
+    pretrain_gain.print_losses(str(tmp_path))
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[2] == "| ft_a_0.1_fold0_fcos | 2 | 0.700 / 0.500 / – | 0.300 / 0.500 / – | 0.2500 (epoch 2) |"
