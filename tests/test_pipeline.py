@@ -169,7 +169,7 @@ def test_gain_benchmark_prints_first_and_last_epoch_losses(tmp_path, monkeypatch
     run = tmp_path / "ft_a_0.1_fold0_fcos"
     run.mkdir()
     steps = [{"epoch": e, "iter": i, "loss": 1.0, "loss_classifier": c, "loss_box_reg": 0.5}
-             for e, c in ((0, 0.8), (0, 0.6), (1, 0.2), (1, 0.4))]
+             for i, (e, c) in enumerate(((0, 0.8), (0, 0.6), (1, 0.2), (1, 0.4)))]
     with open(run / "log.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in steps + [{"epoch": 1, "epoch_time": 3.0}])
     json.dump([{"epoch": 2, "AP": 0.25}], open(run / "metrics.json", "w"))
