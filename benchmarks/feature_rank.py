@@ -1,0 +1,84 @@
+"""Effective rank of a one-stage detector's tower outputs: does box-domain pre-training collapse them?
+
+A contrastive loss can train the layers below its projection head into a low-dimensional
+subspace ("dimensional collapse", Jing et al., ICLR 2022). For each checkpoint this builds the
+demo-preset detector as ``finetune.py --init`` would (output layers re-initialised), runs it on
+the first val scenes, and prints the effective rank (Roy & Vetterli, 2007: exp of the entropy of
+the normalised singular values of the centred [positions, channels] matrix) of the
+classification and regression towers' outputs at P3 and P4. A random tower is near full rank.
+
+    python benchmarks/feature_rank.py --detector fcos \\
+        outputs/abl/stage1_sup/checkpoint.pth outputs/abl/stage2_fcos/checkpoint.pth
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+from PIL import Image
+from torchvision.transforms.functional import to_tensor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from aligndet.checkpoint import load_pretrained  # noqa: E402
+from aligndet.models import build_detector  # noqa: E402
+from aligndet.presets import finetune_defaults, model_options  # noqa: E402
+
+TOWERS = ("classification_head", "regression_head")
+
+
+def effective_rank(x):
+    """exp(entropy of the singular-value distribution) of ``x`` [N, C] after centring: 1 to C."""
+    s = torch.linalg.svdvals(x - x.mean(0))
+    p = s / s.sum()
+    return float(torch.exp(-(p * p.clamp_min(1e-12).log()).sum()))
+
+
+@torch.no_grad()
+def tower_ranks(model, images, levels=(0, 1)):
+    """{(tower, level): effective rank} of each tower's output on ``images`` (a list of CHW in [0, 1])."""
+    outputs = {tower: [] for tower in TOWERS}
+    hooks = [getattr(model.head, tower).conv.register_forward_hook(lambda m, i, o, t=tower: outputs[t].append(o))
+             for tower in TOWERS]
+    try:
+        model.eval()(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    ranks = {}
+    for tower, maps in outputs.items():  # one [B, C, H, W] map per FPN level, in level order
+        for level in levels:
+            x = maps[level]
+            ranks[(tower, level)] = effective_rank(x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]))
+    return ranks, maps[0].shape[1]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoints", nargs="+", help="stage-1 or stage-2 checkpoints (any finetune.py --init source)")
+    p.add_argument("--detector", choices=["retinanet", "fcos"], default="fcos")
+    p.add_argument("--demo-root", default="data/demo")
+    p.add_argument("--images", type=int, default=32, help="first N val scenes")
+    p.add_argument("--seed", type=int, default=0, help="initialisation of what the checkpoint does not hold")
+    args = p.parse_args()
+    annotations = os.path.join(args.demo_root, "annotations", "instances_val.json")
+    if not os.path.isfile(annotations):
+        sys.exit(f"feature_rank.py: no {annotations}; build the demo first (python -m aligndet.data.demo)")
+    files = [im["file_name"] for im in json.load(open(annotations))["images"][:args.images]]
+    images = [to_tensor(Image.open(os.path.join(args.demo_root, "val", f)).convert("RGB")) for f in files]
+    defaults = finetune_defaults("demo", args.detector)
+    options = {**model_options(args.detector, defaults), "backbone_weights": None}
+    print(f"| checkpoint ({args.detector}, {len(images)} val scenes) | "
+          + " | ".join(f"{t.split('_')[0]} P{lv + 3}" for t in TOWERS for lv in (0, 1)) + " |")
+    print("|---|" + "---|" * 4)
+    for path in args.checkpoints:
+        torch.manual_seed(args.seed)
+        model = build_detector(args.detector, 10, backbone=defaults["backbone"], **options)
+        load_pretrained(model, path, log=lambda *a: None, detector=args.detector)
+        ranks, channels = tower_ranks(model, images)
+        print(f"| {path} | " + " | ".join(f"{ranks[(t, lv)]:.1f} / {channels}" for t in TOWERS for lv in (0, 1)) + " |")
+
+
+if __name__ == "__main__":
+    main()
