@@ -51,7 +51,7 @@ def tower_ranks(model, images, levels=(0, 1)):
         for level in levels:
             x = maps[level]
             ranks[(tower, level)] = effective_rank(x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]))
-    return ranks, maps[0].shape[1]
+    return ranks, outputs[TOWERS[0]][0].shape[1]
 
 
 def main():

@@ -85,19 +85,22 @@ def print_table(rows, runs, fractions):
                   f"{reach if reach is not None else '(not reached)'} of {results['a'][-1]['epoch']}")
 
 
+def mean_gain(folds):
+    """Mean AP gain (b) - (a) over ``folds`` = {fold: {"a": AP, "b": AP}}."""
+    return sum(v["b"] - v["a"] for v in folds.values()) / len(folds)
+
+
 def record_ablation(workdir, args, rows, stage2_dir):
     """One line of ablation.jsonl: the variant, its gains per fold and stage 2's last epoch."""
     log = os.path.join(stage2_dir, "log.jsonl")
     epochs = [json.loads(line) for line in open(log) if '"epoch_time"' in line] if os.path.exists(log) else []
     last = epochs[-1] if epochs else {}
     for fraction in args.fractions:
-        folds = [(fold, res["a"][-1]["AP"], res["b"][-1]["AP"]) for f, fold, res in rows if f == fraction]
-        gains = [b - a for _, a, b in folds]
+        folds = {fold: {"a": res["a"][-1]["AP"], "b": res["b"][-1]["AP"]} for f, fold, res in rows if f == fraction}
         record = {"tag": args.tag or "default", "detector": args.detector, "fraction": fraction,
                   "box_args": args.box_args, "finetune_args": args.finetune_args,
                   "transfer_args": args.transfer_args,
-                  "folds": {fold: {"a": a, "b": b} for fold, a, b in folds},
-                  "gain": sum(gains) / len(gains),
+                  "folds": folds, "gain": mean_gain(folds),
                   "contrastive_top1": last.get("train_contrastive_accuracy"),
                   "matched_instances": last.get("train_matched_instances"),
                   "stage2_minutes": sum(e["epoch_time"] for e in epochs) / 60, "date": time.strftime("%Y-%m-%d")}
@@ -119,7 +122,7 @@ def print_ablation(workdir):
         key = (r["tag"], r["detector"], r["fraction"])
         if key in records:  # the same variant on other folds (e.g. the held-out fold 2): one row, every fold
             r["folds"] = {**records[key]["folds"], **r["folds"]}
-            r["gain"] = sum(v["b"] - v["a"] for v in r["folds"].values()) / len(r["folds"])
+            r["gain"] = mean_gain(r["folds"])
         records[key] = r
     print("| candidate | detector | labels | AP (a) → (b) per fold | gain | contrastive top-1 | matched instances "
           "| stage 2 min |")
@@ -133,11 +136,24 @@ def print_ablation(workdir):
               f"{r['gain'] * 100:+.1f} | {top1} | {matched} | {r['stage2_minutes']:.1f} |")
 
 
-def epoch_losses(log_path, epoch):
-    """Mean of each logged ``loss_*`` term over the logged steps of ``epoch`` in a finetune.py log.jsonl."""
-    steps = [r for r in map(json.loads, open(log_path)) if r.get("epoch") == epoch and "iter" in r]
-    terms = sorted({k for r in steps for k in r if k.startswith("loss_")})
-    return {k: sum(r[k] for r in steps) / len(steps) for k in terms} if steps else {}
+def epoch_losses(log_path):
+    """{epoch: mean of each logged ``loss_*`` term over its logged steps} of a finetune.py log.jsonl."""
+    steps = {}
+    for r in map(json.loads, open(log_path)):
+        if "iter" in r:
+            steps.setdefault(r["epoch"], []).append(r)
+    means = {}
+    for epoch, rs in steps.items():
+        terms = sorted({k for r in rs for k in r if k.startswith("loss_")})
+        means[epoch] = {k: sum(r[k] for r in rs) / len(rs) for k in terms}
+    return means
+
+
+LOSS_TERMS = ("loss_classifier", "loss_box_reg", "loss_centerness")
+
+
+def _losses_cell(losses):
+    return " / ".join(f"{losses[n]:.3f}" if n in losses else "–" for n in LOSS_TERMS)
 
 
 def print_losses(workdir):
@@ -147,21 +163,19 @@ def print_losses(workdir):
                   and os.path.isfile(os.path.join(workdir, d, "log.jsonl")))
     if not runs:
         sys.exit(f"pretrain_gain.py: no fine-tuning runs in {workdir}")
-    print("| run | epochs | first epoch: " + " / ".join(["cls", "box", "ctr"]) + " | last epoch: cls / box / ctr "
-          "| last AP |")
+    print("| run | epochs | first epoch: cls / box / ctr | last epoch: cls / box / ctr | last AP |")
     print("|---|---|---|---|---|")
     for run in runs:
-        log = os.path.join(workdir, run, "log.jsonl")
-        epochs = [r["epoch"] for r in map(json.loads, open(log)) if "iter" in r]
-        first, last = epoch_losses(log, min(epochs)), epoch_losses(log, max(epochs))
+        per_epoch = epoch_losses(os.path.join(workdir, run, "log.jsonl"))
+        if not per_epoch:  # started, no step logged yet
+            continue
         metrics = os.path.join(workdir, run, "metrics.json")
-        ap = (lambda m: f"{m['AP']:.4f} (epoch {m['epoch']})")(json.load(open(metrics))[-1]) \
-            if os.path.isfile(metrics) else ""
-
-        def fmt(losses):
-            names = ("loss_classifier", "loss_box_reg", "loss_centerness")
-            return " / ".join(f"{losses[n]:.3f}" if n in losses else "–" for n in names)
-        print(f"| {run} | {max(epochs) + 1} | {fmt(first)} | {fmt(last)} | {ap} |")
+        ap = ""
+        if os.path.isfile(metrics):
+            last_eval = json.load(open(metrics))[-1]
+            ap = f"{last_eval['AP']:.4f} (epoch {last_eval['epoch']})"
+        print(f"| {run} | {max(per_epoch) + 1} | {_losses_cell(per_epoch[min(per_epoch)])} | "
+              f"{_losses_cell(per_epoch[max(per_epoch)])} | {ap} |")
 
 
 def main():
