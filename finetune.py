@@ -25,6 +25,9 @@ Runbook
   # RetinaNet or FCOS instead of Faster R-CNN: same flags, their own presets (lr 0.01 at 16 images on COCO)
   python finetune.py --detector retinanet
   python finetune.py --detector fcos --preset coco ...
+  # On the demo their classification tower is not taken from a train_box.py checkpoint (docs/method.md
+  # §7); --box-init-skip with no prefix transfers it too, as the official code does
+  python finetune.py --detector fcos --init outputs/box_fcos/checkpoint.pth --box-init-skip
 
   # Any other backbone: torchvision's names, or a MoCo / SwAV / DINO / DenseCL checkpoint
   python finetune.py --preset coco --init torchvision:ResNet50_Weights.IMAGENET1K_V2 ...
@@ -107,6 +110,10 @@ def get_args_parser():
     m.add_argument("--init-skip", nargs="+", default=[], metavar="PREFIX",
                    help="with a detector --init, also leave the modules under these key prefixes at their "
                    "initialisation (e.g. head.classification_head.: transfer only the regression tower)")
+    m.add_argument("--box-init-skip", nargs="*", metavar="PREFIX",
+                   help="the same for a box-domain (train_box.py) --init only; the demo one-stage presets skip "
+                   "head.classification_head. (docs/method.md §7); give the flag with no prefix for the "
+                   "official transfer of every module")
 
     add_step_schedule_arguments(p, "passes over the (labelled) training set")
 
@@ -161,7 +168,8 @@ def build_model(args, num_classes, log):
         options["backbone_weights"] = None
     model = build_detector(args.detector, num_classes, backbone=args.backbone, **options)
     sources = [load_pretrained(model, path, keep_heads=args.keep_heads, log=log, detector=args.detector,
-                               skip=args.init_skip)["source"] for path in args.init]
+                               skip=args.init_skip, box_skip=args.box_init_skip or ())["source"]
+               for path in args.init]
     if args.init_skip and "detector" not in sources:
         raise CheckpointError("--init-skip needs a detector checkpoint in --init (train_box.py or finetune.py); "
                               f"got backbone weights only: {' '.join(args.init)}")
@@ -209,8 +217,8 @@ def main(args):
 
     metrics = []
     checkpoint = RunCheckpoint(args.output_dir, model_without_ddp, optimizer, scaler, args, "finetune",
-                               every=args.checkpoint_every, kind="finetune.py", metrics=metrics, label_to_cat=val_set.label_to_cat,
-                               class_names=val_set.class_names)
+                               every=args.checkpoint_every, kind="finetune.py", metrics=metrics,
+                               label_to_cat=val_set.label_to_cat, class_names=val_set.class_names)
     resumed = checkpoint.resume(args.resume, log, weights_only=args.eval_only)
     start_epoch, start_iter = resumed.get("epoch", 0), resumed.get("iteration", 0)
     metrics.extend(resumed.get("metrics", []))

@@ -76,7 +76,7 @@ def _state_dict_of(checkpoint):
     return checkpoint
 
 
-def load_pretrained(model, path, keep_heads=False, log=print, detector=None, skip=()):
+def load_pretrained(model, path, keep_heads=False, log=print, detector=None, skip=(), box_skip=()):
     """Initialise ``model`` from a stage checkpoint or an imported backbone and print what happened.
 
     Accepted sources (AlignDet's transfer, docs/method.md §3.8):
@@ -94,7 +94,9 @@ def load_pretrained(model, path, keep_heads=False, log=print, detector=None, ski
 
     ``skip``: more key prefixes to leave at their initialisation when the source is a detector
     checkpoint (e.g. ``("head.classification_head.",)``: transfer the regression tower only);
-    backbone weights ignore it.
+    backbone weights ignore it. ``box_skip``: the same, for a box-domain (train_box.py,
+    ``stage: "box"``) checkpoint only; other detector checkpoints and backbone weights load
+    without it (the demo one-stage presets' transfer, docs/method.md §3.8).
 
     Returns a dict of key lists: loaded, reinitialised, unexpected, mismatched, and
     ``source``: "detector" or "backbone".
@@ -111,7 +113,10 @@ def load_pretrained(model, path, keep_heads=False, log=print, detector=None, ski
                                   f"(got --detector {detector})")
     state = _state_dict_of(checkpoint) if isinstance(checkpoint, dict) else None
     if state and any(k.startswith("backbone.body.") for k in state):
-        return _load_detector(model, path, state, keep_heads, log, tuple(skip))
+        box = isinstance(checkpoint, dict) and checkpoint.get("stage") == "box"
+        if box and box_skip:
+            log(f"  box-domain checkpoint: leaving {', '.join(box_skip)} at initialisation (--box-init-skip)")
+        return _load_detector(model, path, state, keep_heads, log, tuple(skip) + (tuple(box_skip) if box else ()))
     report = load_backbone_weights(model.backbone.body, path, log)
     loaded = ["backbone.body." + k for k in report["loaded"]]
     reinitialised = [k for k in model.state_dict() if k not in loaded and not k.endswith("num_batches_tracked")]

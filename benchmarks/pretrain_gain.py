@@ -13,7 +13,7 @@ iterations (as the paper does), with more epochs over their few images.
 Expected order at 10 % labels: (c) < (a) < (b). Prints an AP / AP50 table and
 writes a PNG of AP against fine-tuning epoch.
 
-    python benchmarks/pretrain_gain.py --fractions 0.1           # the 10 % comparison (about 45 min on 2 cores)
+    python benchmarks/pretrain_gain.py --fractions 0.1           # the 10 % comparison (about 90 min on 2 cores)
     python benchmarks/pretrain_gain.py                           # every fraction (a few hours)
     python benchmarks/pretrain_gain.py --runs a b --fractions 0.1  # a subset of the runs
     python benchmarks/pretrain_gain.py --detector fcos --runs a b --fractions 0.1  # RetinaNet / FCOS
@@ -45,8 +45,9 @@ from aligndet.pipeline import Stages, finetune_command  # noqa: E402
 from aligndet.visualize import CURVE_COLOURS, ap_curves_figure  # noqa: E402
 
 # Fine-tuning schedule per label fraction: (epochs, lr step epochs, evaluate every N epochs, folds).
-# 100 % of the 2,000 scenes is 250 iterations per epoch at batch 8; the low fractions run ~500 iterations.
-SCHEDULES = {1.0: (4, [3], 1, [0]), 0.1: (20, [15], 5, [0, 1]), 0.01: (160, [120], 40, [0, 1])}
+# 100 % of the 2,000 scenes is 250 iterations per epoch at batch 8; every fraction runs ~1,000 iterations. At 10 %
+# the stage-1 baseline has plateaued by epoch 40 (it had not at the 20 epochs of `make demo`, benchmarks/RESULTS.md).
+SCHEDULES = {1.0: (4, [3], 1, [0]), 0.1: (40, [30], 5, [0, 1]), 0.01: (320, [240], 40, [0, 1])}
 RUNS = {"c": "(c) no pre-training", "a": "(a) stage 1 (supervised)", "d": "(d) stage 1 (MoCo v2)",
         "b": "(b) stage 1 + stage 2 (AlignDet)"}
 

@@ -118,3 +118,24 @@ def test_init_skip_needs_a_detector_checkpoint(squares_coco, tmp_path):
     own, src = model.state_dict(), source.state_dict()
     assert all(not torch.equal(own[k], src[k]) for k in own if k.startswith("rpn.") and k.endswith("weight"))
     assert torch.equal(own["backbone.fpn.layer_blocks.0.0.weight"], src["backbone.fpn.layer_blocks.0.0.weight"])
+
+
+def test_box_init_skip_defaults_follow_the_preset(squares_coco, tmp_path):
+    """The demo one-stage presets leave a box-domain checkpoint's classification tower out (docs/method.md §7);
+    Faster R-CNN and --preset coco transfer everything; an empty --box-init-skip restores the full transfer; and
+    the preset's value is no error with backbone weights (the stage-1-only arm of a comparison)."""
+    import torchvision
+    parse = finetune.get_args_parser().parse_args
+    data = _data_args(squares_coco)
+    assert parse(data + ["--detector", "fcos"]).box_init_skip == ["head.classification_head."]
+    assert parse(data + ["--detector", "retinanet"]).box_init_skip == ["head.classification_head."]
+    assert parse(data + ["--detector", "fcos", "--box-init-skip"]).box_init_skip == []
+    assert not parse(data).box_init_skip
+    assert not parse(data + ["--detector", "fcos", "--preset", "coco"]).box_init_skip
+    backbone = tmp_path / "stage1.pth"
+    torch.save({"backbone": torchvision.models.resnet18().state_dict()}, backbone)
+    args = parse(data + ["--detector", "fcos", "--fpn-channels", "32", "--min-size", "64", "--max-size", "64",
+                         "--init", str(backbone)])
+    model = finetune.build_model(args, num_classes=3, log=lambda *a: None)
+    assert torch.equal(model.backbone.body.conv1.weight,
+                       torch.load(backbone, weights_only=True)["backbone"]["conv1.weight"])

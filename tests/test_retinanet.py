@@ -413,3 +413,29 @@ def test_transfer_can_leave_a_whole_tower_at_its_initialisation(tmp_path):
     assert any(k.startswith("head.regression_head.conv") for k in report["loaded"])
     with pytest.raises(CheckpointError, match="no key of the model starts with head.cls_tower."):
         load_pretrained(model, str(path), log=lambda *a: None, skip=["head.cls_tower."])
+
+
+def test_box_skip_applies_to_box_domain_checkpoints_only(tmp_path):
+    """box_skip (finetune.py --box-init-skip): a train_box.py checkpoint leaves the tower out, a finetune.py one
+    loads it, backbone weights ignore it."""
+    pretrained = _small_detector(seed=1).state_dict()
+    fresh = {k: v.clone() for k, v in _small_detector(seed=2).state_dict().items()}
+    key = "head.classification_head.conv.0.weight"
+    assert key in pretrained
+    for stage, skipped in (("box", True), ("finetune", False)):
+        path = tmp_path / f"{stage}.pth"
+        torch.save({"model": pretrained, "stage": stage, "detector": "retinanet"}, path)
+        model, lines = _small_detector(seed=2), []
+        report = load_pretrained(model, str(path), log=lines.append, detector="retinanet",
+                                 box_skip=["head.classification_head."])
+        assert torch.equal(model.state_dict()[key], (fresh if skipped else pretrained)[key]), stage
+        assert (key in report["reinitialised"]) == skipped
+        assert torch.equal(model.state_dict()["head.regression_head.conv.0.weight"],
+                           pretrained["head.regression_head.conv.0.weight"])
+        assert any("--box-init-skip" in line for line in lines) == skipped
+    backbone = tmp_path / "stage1.pth"
+    torch.save({"backbone": {k[len("backbone.body."):]: v for k, v in pretrained.items()
+                             if k.startswith("backbone.body.")}}, backbone)
+    report = load_pretrained(_small_detector(seed=2), str(backbone), log=lambda *a: None,
+                             box_skip=["head.classification_head."])
+    assert report["source"] == "backbone" and report["loaded"]
