@@ -14,8 +14,10 @@ Stages, each a plain script run as a subprocess (their own output shows):
 
 Then prints one table (AP, AP50, minutes per stage) and writes the AP curves
 to ``<out>/curves.png``. Finished stages are recorded in ``<out>/stages.json``
-and skipped when the command runs again; an interrupted stage resumes from
-its last checkpoint.
+with their commands and skipped when the command runs again; an interrupted
+stage resumes from its last checkpoint. A stage whose command has changed
+since (other flags, new defaults) stops the run rather than reuse results
+that belong to the old command.
 """
 import argparse
 import json
@@ -65,19 +67,37 @@ def stage_commands(out, fraction, seed, detector="faster_rcnn"):
 class Stages:
     """The stages of one run folder: each a script of this repository run as a subprocess,
     recorded in ``<out>/stages.json`` when it finishes and skipped when asked again, so an
-    interrupted run continues (each script resumes itself with ``--resume``)."""
+    interrupted run continues (each script resumes itself with ``--resume``). Each record
+    keeps the command, and a stage asked for again with another command (new defaults, other
+    flags) stops the program: its folder holds the results of the old one."""
 
     def __init__(self, out):
         os.makedirs(out, exist_ok=True)
         self.path = os.path.join(out, "stages.json")
-        self.done = json.load(open(self.path)) if os.path.isfile(self.path) else {}
+        self.records = self._read()
+
+    def _read(self):
+        """{name: {"seconds", "argv"}}; a record of an older version is its seconds alone, without a command."""
+        saved = json.load(open(self.path)) if os.path.isfile(self.path) else {}
+        return {name: r if isinstance(r, dict) else {"seconds": r} for name, r in saved.items()}
+
+    @property
+    def done(self):
+        """{name: seconds} of every finished stage."""
+        return {name: r["seconds"] for name, r in self.records.items()}
 
     def run(self, name, description, argv, log_path=None):
         """Runs ``python argv`` from the repository root (output to ``log_path`` if given,
         else shown) unless ``name`` is done; stops the program if it fails. Returns its seconds."""
-        if name in self.done:
-            print(f"== {description}: done in an earlier run ({self.done[name] / 60:.1f} min)", flush=True)
-            return self.done[name]
+        argv = [str(a) for a in argv]
+        if name in self.records:
+            record = self.records[name]
+            if record.get("argv", argv) != argv:
+                sys.exit(f"pipeline: {name} in {self.path} was run as\n  {' '.join(record['argv'])}\nnot as\n  "
+                         f"{' '.join(argv)}\nso its results belong to another command: use another output folder, "
+                         f"or delete the stage's folder and its entry in {self.path}")
+            print(f"== {description}: done in an earlier run ({record['seconds'] / 60:.1f} min)", flush=True)
+            return record["seconds"]
         print(f"== {description}\n   {os.path.basename(sys.executable)} {' '.join(argv)}", flush=True)
         start = time.time()
         if log_path is None:
@@ -90,11 +110,9 @@ class Stages:
             sys.exit(f"pipeline: {name} failed (exit {code}){where}; run the same command again to resume it")
         seconds = round(time.time() - start, 1)
         # Another runner may share this folder (two ablations at once): merge with what it recorded meanwhile.
-        if os.path.isfile(self.path):
-            self.done = {**json.load(open(self.path)), **self.done}
-        self.done[name] = seconds
-        atomic_write(self.path, lambda f: f.write(json.dumps(self.done, indent=1).encode()))
-        return self.done[name]
+        self.records = {**self._read(), **self.records, name: {"seconds": seconds, "argv": argv}}
+        atomic_write(self.path, lambda f: f.write(json.dumps(self.records, indent=1).encode()))
+        return seconds
 
 
 def run_stages(out, fraction, seed, detector="faster_rcnn"):

@@ -161,6 +161,26 @@ def test_two_runners_sharing_a_folder_keep_each_others_stages(tmp_path, monkeypa
     assert set(pipeline.Stages(str(tmp_path)).done) == {"one", "two"}
 
 
+def test_a_stage_asked_for_with_another_command_stops(tmp_path, monkeypatch):
+    """A recorded stage is reused for the same command only: new defaults (e.g. a longer schedule) must not pick up
+    the old run's results. A record of an older version (seconds alone) is reused as before."""
+    calls = []
+    monkeypatch.setattr(pipeline.subprocess, "call", lambda argv, cwd: calls.append(argv) or 0)
+    stages = pipeline.Stages(str(tmp_path))
+    stages.run("ft", "fine-tune", ["finetune.py", "--epochs", 20])
+    assert pipeline.Stages(str(tmp_path)).run("ft", "fine-tune", ["finetune.py", "--epochs", "20"]) == \
+        stages.done["ft"]
+    assert len(calls) == 1
+    with pytest.raises(SystemExit, match="was run as\n  finetune.py --epochs 20\nnot as\n  finetune.py --epochs 40"):
+        pipeline.Stages(str(tmp_path)).run("ft", "fine-tune", ["finetune.py", "--epochs", "40"])
+    assert len(calls) == 1
+    with open(tmp_path / "stages.json", "w") as f:
+        json.dump({"old": 12.5}, f)
+    old = pipeline.Stages(str(tmp_path))
+    assert old.run("old", "an old stage", ["anything.py"]) == 12.5 and old.done == {"old": 12.5}
+    assert len(calls) == 1
+
+
 def test_gain_benchmark_prints_first_and_last_epoch_losses(tmp_path, monkeypatch, capsys):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     monkeypatch.syspath_prepend(os.path.join(root, "benchmarks"))
