@@ -1,11 +1,13 @@
-"""Effective rank of a one-stage detector's tower outputs: does box-domain pre-training collapse them?
+"""Effective rank of a detector's head features: does box-domain pre-training collapse them?
 
 A contrastive loss can train the layers below its projection head into a low-dimensional
 subspace ("dimensional collapse", Jing et al., ICLR 2022). For each checkpoint this builds the
 demo-preset detector as ``finetune.py --init`` would (output layers re-initialised), runs it on
 the first val scenes, and prints the effective rank (Roy & Vetterli, 2007: exp of the entropy of
 the normalised singular values of the centred [positions, channels] matrix) of the
-classification and regression towers' outputs at P3 and P4. A random tower is near full rank.
+classification and regression towers' outputs at P3 and P4 (RetinaNet, FCOS), or of the RoI box
+head's output on the RPN's proposals and the RPN conv's output at P2 and P3 (Faster R-CNN). A random
+layer is near full rank.
 
     python benchmarks/feature_rank.py --detector fcos \\
         outputs/abl/stage1_sup/checkpoint.pth outputs/abl/stage2_fcos/checkpoint.pth
@@ -54,10 +56,29 @@ def tower_ranks(model, images, levels=(0, 1)):
     return ranks, outputs[TOWERS[0]][0].shape[1]
 
 
+@torch.no_grad()
+def two_stage_ranks(model, images, levels=(0, 1)):
+    """Faster R-CNN: {("box_head", None): rank of the box head's output over every proposal of ``images``,
+    ("rpn", level): rank of the RPN conv's output}, and the box head's width."""
+    boxes, rpn = [], []
+    hooks = [model.roi_heads.box_head.register_forward_hook(lambda m, i, o: boxes.append(o)),
+             model.rpn.head.conv.register_forward_hook(lambda m, i, o: rpn.append(o))]
+    try:
+        model.eval()(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    ranks = {("box_head", None): effective_rank(torch.cat(boxes))}
+    for level in levels:  # the RPN head runs its conv once per FPN level, in level order
+        x = rpn[level]
+        ranks[("rpn", level)] = effective_rank(x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]))
+    return ranks, boxes[0].shape[1]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoints", nargs="+", help="stage-1 or stage-2 checkpoints (any finetune.py --init source)")
-    p.add_argument("--detector", choices=["retinanet", "fcos"], default="fcos")
+    p.add_argument("--detector", choices=["faster_rcnn", "retinanet", "fcos"], default="fcos")
     p.add_argument("--demo-root", default="data/demo")
     p.add_argument("--images", type=int, default=32, help="first N val scenes")
     p.add_argument("--seed", type=int, default=0, help="initialisation of what the checkpoint does not hold")
@@ -69,15 +90,23 @@ def main():
     images = [to_tensor(Image.open(os.path.join(args.demo_root, "val", f)).convert("RGB")) for f in files]
     defaults = finetune_defaults("demo", args.detector)
     options = {**model_options(args.detector, defaults), "backbone_weights": None}
-    print(f"| checkpoint ({args.detector}, {len(images)} val scenes) | "
-          + " | ".join(f"{t.split('_')[0]} P{lv + 3}" for t in TOWERS for lv in (0, 1)) + " |")
-    print("|---|" + "---|" * 4)
+    two_stage = args.detector == "faster_rcnn"
+    columns = ["box head", "RPN P2", "RPN P3"] if two_stage else [f"{t.split('_')[0]} P{lv + 3}" for t in TOWERS
+                                                                    for lv in (0, 1)]
+    print(f"| checkpoint ({args.detector}, {len(images)} val scenes) | " + " | ".join(columns) + " |")
+    print("|---|" + "---|" * len(columns))
     for path in args.checkpoints:
         torch.manual_seed(args.seed)
         model = build_detector(args.detector, 10, backbone=defaults["backbone"], **options)
         load_pretrained(model, path, log=lambda *a: None, detector=args.detector)
-        ranks, channels = tower_ranks(model, images)
-        print(f"| {path} | " + " | ".join(f"{ranks[(t, lv)]:.1f} / {channels}" for t in TOWERS for lv in (0, 1)) + " |")
+        if two_stage:
+            ranks, width = two_stage_ranks(model, images)
+            cells = [f"{ranks[('box_head', None)]:.1f} / {width}"] + [
+                f"{ranks[('rpn', lv)]:.1f} / {options['fpn_channels']}" for lv in (0, 1)]
+        else:
+            ranks, channels = tower_ranks(model, images)
+            cells = [f"{ranks[(t, lv)]:.1f} / {channels}" for t in TOWERS for lv in (0, 1)]
+        print(f"| {path} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
