@@ -37,42 +37,41 @@ def effective_rank(x):
     return float(torch.exp(-(p * p.clamp_min(1e-12).log()).sum()))
 
 
+def map_rank(x):
+    """Effective rank of a feature map [B, C, H, W] over all its positions."""
+    return effective_rank(x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]))
+
+
 @torch.no_grad()
-def tower_ranks(model, images, levels=(0, 1)):
-    """{(tower, level): effective rank} of each tower's output on ``images`` (a list of CHW in [0, 1])."""
-    outputs = {tower: [] for tower in TOWERS}
-    hooks = [getattr(model.head, tower).conv.register_forward_hook(lambda m, i, o, t=tower: outputs[t].append(o))
-             for tower in TOWERS]
+def hooked_outputs(model, images, modules):
+    """{name: [every output of ``modules[name]``, in call order]} of one eval-mode forward pass on ``images``
+    (a list of CHW in [0, 1]); the hooks are removed after."""
+    outputs = {name: [] for name in modules}
+    hooks = [module.register_forward_hook(lambda m, i, o, name=name: outputs[name].append(o))
+             for name, module in modules.items()]
     try:
         model.eval()(images)
     finally:
         for hook in hooks:
             hook.remove()
-    ranks = {}
-    for tower, maps in outputs.items():  # one [B, C, H, W] map per FPN level, in level order
-        for level in levels:
-            x = maps[level]
-            ranks[(tower, level)] = effective_rank(x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]))
+    return outputs
+
+
+def tower_ranks(model, images, levels=(0, 1)):
+    """{(tower, level): effective rank} of each tower's output on ``images``, and the towers' width."""
+    outputs = hooked_outputs(model, images, {tower: getattr(model.head, tower).conv for tower in TOWERS})
+    # one [B, C, H, W] map per FPN level, in level order
+    ranks = {(tower, level): map_rank(maps[level]) for tower, maps in outputs.items() for level in levels}
     return ranks, outputs[TOWERS[0]][0].shape[1]
 
 
-@torch.no_grad()
 def two_stage_ranks(model, images, levels=(0, 1)):
     """Faster R-CNN: {("box_head", None): rank of the box head's output over every proposal of ``images``,
     ("rpn", level): rank of the RPN conv's output}, and the box head's width."""
-    boxes, rpn = [], []
-    hooks = [model.roi_heads.box_head.register_forward_hook(lambda m, i, o: boxes.append(o)),
-             model.rpn.head.conv.register_forward_hook(lambda m, i, o: rpn.append(o))]
-    try:
-        model.eval()(images)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    ranks = {("box_head", None): effective_rank(torch.cat(boxes))}
-    for level in levels:  # the RPN head runs its conv once per FPN level, in level order
-        x = rpn[level]
-        ranks[("rpn", level)] = effective_rank(x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]))
-    return ranks, boxes[0].shape[1]
+    outputs = hooked_outputs(model, images, {"box_head": model.roi_heads.box_head, "rpn": model.rpn.head.conv})
+    ranks = {("box_head", None): effective_rank(torch.cat(outputs["box_head"]))}
+    ranks.update({("rpn", level): map_rank(outputs["rpn"][level]) for level in levels})  # one call per level
+    return ranks, outputs["box_head"][0].shape[1]
 
 
 def main():

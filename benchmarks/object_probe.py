@@ -68,7 +68,7 @@ def main():
     p.add_argument("--cache-dir", help="where the demo's digits and photos are cached (as for the demo dataset)")
     args = p.parse_args()
     paths = demo.fetch_parts(args.cache_dir)
-    digits, digit_labels = demo.load_digits(next(path for name, path in paths.items() if name.endswith(".csv.gz")))
+    digits, digit_labels = demo.load_digits(paths["mnist_5k.csv.gz"])
     backgrounds = demo.load_backgrounds(paths)
     images, digit, background = object_images(backgrounds, digits, digit_labels, args.images, args.seed)
     print(f"{args.images} demo object images; chance: digit {1 / 10:.3f}, background {1 / len(backgrounds):.3f}")
