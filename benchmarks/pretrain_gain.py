@@ -5,7 +5,9 @@ fine-tuning schedule for every run:
   (a) stage 1: supervised ResNet-18 on the object-centric digits (``train_image.py``);
   (d) stage 1 by MoCo v2 on the same images without labels (``train_image.py --method mocov2``);
   (b) stage 1 + stage 2: (a)'s backbone, then ``train_box.py`` (AlignDet) on the training
-      scenes without labels.
+      scenes without labels;
+  (e) stage 1 by MoCo v2 + stage 2: (d)'s backbone, then ``train_box.py`` (the paper's
+      self-supervised rows: no label is used before fine-tuning).
 
 Each is fine-tuned with ``finetune.py`` at label fractions 1 %, 10 % and 100 %
 (2 folds at the low fractions); the low fractions train for a fixed number of
@@ -49,7 +51,7 @@ from aligndet.visualize import CURVE_COLOURS, ap_curves_figure  # noqa: E402
 # the stage-1 baseline has plateaued by epoch 40 (it had not at the 20 epochs of `make demo`, benchmarks/RESULTS.md).
 SCHEDULES = {1.0: (4, [3], 1, [0]), 0.1: (40, [30], 5, [0, 1]), 0.01: (320, [240], 40, [0, 1])}
 RUNS = {"c": "(c) no pre-training", "a": "(a) stage 1 (supervised)", "d": "(d) stage 1 (MoCo v2)",
-        "b": "(b) stage 1 + stage 2 (AlignDet)"}
+        "b": "(b) stage 1 + stage 2 (AlignDet)", "e": "(e) MoCo v2 + stage 2 (AlignDet)"}
 
 
 def finetune(stages, init, out, fraction, fold, seed, detector, extra=()):
@@ -189,6 +191,9 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--box-args", type=shlex.split, default=[],
                    help='extra train_box.py arguments, one quoted string: --box-args="--num-samples 2048"')
+    p.add_argument("--moco-args", type=shlex.split, default=[],
+                   help="extra train_image.py arguments for the MoCo v2 stage 1 of (d) and (e), one quoted string "
+                   "(with --tag: its own stage 1 and runs)")
     p.add_argument("--finetune-args", type=shlex.split, default=[],
                    help="extra finetune.py arguments for every run, one quoted string")
     p.add_argument("--transfer-args", type=shlex.split, default=[],
@@ -217,15 +222,22 @@ def main():
                            os.path.join(w, "stage1_sup.log"))
         top1 = json.load(open(os.path.join(w, "stage1_sup", "metrics.json")))[-1]["top1"]
         print(f"stage 1 (supervised): val top-1 {top1:.3f}", flush=True)
-    if "d" in args.runs:
-        inits["d"] = stage(stages, "stage 1 (MoCo v2)", ["train_image.py", "--method", "mocov2", *seed],
-                           os.path.join(w, "stage1_moco"), os.path.join(w, "stage1_moco.log"))
-        knn = json.load(open(os.path.join(w, "stage1_moco", "metrics.json")))[-1]["knn_top1"]
+    moco_tag = tag if args.moco_args else ""
+    if {"d", "e"} & set(args.runs):
+        moco = os.path.join(w, f"stage1_moco{moco_tag}")
+        inits["d"] = stage(stages, "stage 1 (MoCo v2)", ["train_image.py", "--method", "mocov2", *seed,
+                                                         *args.moco_args], moco, moco + ".log")
+        knn = json.load(open(os.path.join(moco, "metrics.json")))[-1]["knn_top1"]
         print(f"stage 1 (MoCo v2): val k-NN top-1 {knn:.3f}", flush=True)
     if "b" in args.runs:
-        inits["b"] = stage(stages, "stage 2 (train_box.py)", ["train_box.py", "--detector", args.detector, "--init", inits["a"],
-                                                      *seed, *args.box_args],
+        inits["b"] = stage(stages, "stage 2 (train_box.py)",
+                           ["train_box.py", "--detector", args.detector, "--init", inits["a"], *seed, *args.box_args],
                            os.path.join(w, f"stage2{suffix}{box_tag}"), os.path.join(w, f"stage2{suffix}{box_tag}.log"))
+    if "e" in args.runs:
+        box_moco = os.path.join(w, f"stage2_moco{suffix}{box_tag or moco_tag}")
+        inits["e"] = stage(stages, "stage 2 on MoCo v2 (train_box.py)",
+                           ["train_box.py", "--detector", args.detector, "--init", inits["d"], *seed, *args.box_args],
+                           box_moco, box_moco + ".log")
 
     runs = [r for r in RUNS if r in args.runs]
     rows, panels = [], {}
@@ -235,9 +247,10 @@ def main():
             results = {}
             for name in runs:
                 # A run is shared with the untagged one unless the tag changes it.
-                changed = args.finetune_args or (name == "b" and (args.box_args or args.transfer_args))
+                changed = (args.finetune_args or (name in "be" and (args.box_args or args.transfer_args))
+                           or (name in "de" and args.moco_args))
                 out = os.path.join(w, f"ft_{name}_{fraction:g}_fold{fold}{suffix}{tag if changed else ''}")
-                extra = args.finetune_args + (args.transfer_args if name == "b" else [])
+                extra = args.finetune_args + (args.transfer_args if name in "be" else [])
                 results[name] = finetune(stages, inits[name], out, fraction, fold, args.seed, args.detector, extra)
                 print(f"fraction {fraction:g} fold {fold} {RUNS[name]}: AP {results[name][-1]['AP']:.4f}", flush=True)
                 if fold == folds[0]:
@@ -249,7 +262,7 @@ def main():
     if "a" in runs and "b" in runs:
         record_ablation(w, args, rows, os.path.join(w, f"stage2{suffix}{box_tag}"))
     png = os.path.join(w, f"ap_curves{suffix}.png")
-    colours = dict(zip(RUNS.values(), [CURVE_COLOURS[i] for i in (0, 1, 3, 2)]))  # (b) orange, as in make demo
+    colours = dict(zip(RUNS.values(), [CURVE_COLOURS[i] for i in (0, 1, 3, 2, 4)]))  # (b) orange, as in make demo
     ap_curves_figure(panels, width=max(900, 450 * len(panels)), colours=colours).save(png)
     print(f"\ncurves: {png}")
 

@@ -67,9 +67,9 @@ def test_report_prints_the_table_and_draws_the_curves(tmp_path):
     assert (70, 110, 170) in colours and (230, 120, 20) in colours
 
 
-def test_gain_benchmark_runs_each_stage_once_and_both_arms_on_one_schedule(tmp_path, monkeypatch, capsys):
-    """benchmarks/pretrain_gain.py shares the stage runner: stage 1 and stage 2 once, then (a) and (b)
-    on every fold with the same fine-tuning arguments; a second call reuses everything."""
+def fake_gain_benchmark(monkeypatch, image_metrics, epochs):
+    """benchmarks/pretrain_gain.py with every script replaced by one that records its argv and writes
+    ``image_metrics`` (stage 1) or an AP of epoch / 100 at each of ``epochs``. Returns (module, calls)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     monkeypatch.syspath_prepend(os.path.join(root, "benchmarks"))
     import pretrain_gain
@@ -81,13 +81,19 @@ def test_gain_benchmark_runs_each_stage_once_and_both_arms_on_one_schedule(tmp_p
         calls.append(argv)
         out = argv[argv.index("--output-dir") + 1]
         os.makedirs(out, exist_ok=True)
-        metrics = ([{"epoch": 8, "top1": 0.8}] if argv[0] == "train_image.py"
-                   else [{"epoch": e, "AP": e / 100, "AP50": e / 50} for e in (5, 10, 15, 20)])
+        metrics = ([image_metrics] if argv[0] == "train_image.py"
+                   else [{"epoch": e, "AP": e / 100, "AP50": e / 50} for e in epochs])
         json.dump(metrics, open(os.path.join(out, "metrics.json"), "w"))
         return 0
 
     monkeypatch.setattr(pipeline.subprocess, "call", fake_call)
     monkeypatch.chdir(os.getcwd())  # main() moves to the repository root; restored afterwards
+    return pretrain_gain, calls
+
+def test_gain_benchmark_runs_each_stage_once_and_both_arms_on_one_schedule(tmp_path, monkeypatch, capsys):
+    """benchmarks/pretrain_gain.py shares the stage runner: stage 1 and stage 2 once, then (a) and (b)
+    on every fold with the same fine-tuning arguments; a second call reuses everything."""
+    pretrain_gain, calls = fake_gain_benchmark(monkeypatch, {"epoch": 8, "top1": 0.8}, (5, 10, 15, 20))
     argv = ["pretrain_gain.py", "--workdir", str(tmp_path / "gain"), "--runs", "a", "b", "--fractions", "0.1"]
     monkeypatch.setattr("sys.argv", argv)
     pretrain_gain.main()
@@ -151,6 +157,33 @@ def test_gain_benchmark_runs_each_stage_once_and_both_arms_on_one_schedule(tmp_p
     assert all(c[c.index("--init") + 1].endswith(os.path.join("stage2", "checkpoint.pth")) for c in calls)
     assert all(c[c.index("--output-dir") + 1].endswith("_regonly") for c in calls)
 
+
+
+def test_gain_benchmark_self_supervised_rows(tmp_path, monkeypatch):
+    """(d) fine-tunes the MoCo v2 stage 1 and (e) a stage 2 started from it; --moco-args with a tag gives
+    that recipe its own stage 1, stage 2 and runs."""
+    pretrain_gain, calls = fake_gain_benchmark(monkeypatch, {"epoch": 8, "knn_top1": 0.2}, (5, 10))
+    gain = str(tmp_path / "gain")
+    argv = ["pretrain_gain.py", "--workdir", gain, "--runs", "d", "e", "--fractions", "0.1", "--folds", "0"]
+    monkeypatch.setattr("sys.argv", argv)
+    pretrain_gain.main()
+    assert [c[0] for c in calls] == ["train_image.py", "train_box.py", "finetune.py", "finetune.py"]
+    moco = os.path.join(gain, "stage1_moco", "checkpoint.pth")
+    assert calls[0][calls[0].index("--method") + 1] == "mocov2"
+    assert calls[1][calls[1].index("--init") + 1] == moco
+    d, e = calls[2], calls[3]
+    assert d[d.index("--init") + 1] == moco
+    assert e[e.index("--init") + 1] == os.path.join(gain, "stage2_moco", "checkpoint.pth")
+    assert d[:d.index("--init")] == e[:e.index("--init")]  # one schedule and seed for both rows
+
+    calls.clear()
+    monkeypatch.setattr("sys.argv", argv + ["--tag", "gray", "--moco-args=--grayscale 1.0"])
+    pretrain_gain.main()
+    assert [c[0] for c in calls] == ["train_image.py", "train_box.py", "finetune.py", "finetune.py"]
+    assert calls[0][calls[0].index("--grayscale") + 1] == "1.0"
+    assert calls[0][calls[0].index("--output-dir") + 1].endswith("stage1_moco_gray")
+    assert calls[1][calls[1].index("--output-dir") + 1].endswith("stage2_moco_gray")
+    assert all(c[c.index("--output-dir") + 1].endswith("_gray") for c in calls[2:])
 
 def test_two_runners_sharing_a_folder_keep_each_others_stages(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline.subprocess, "call", lambda argv, cwd: 0)
