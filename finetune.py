@@ -29,6 +29,12 @@ Runbook
   # §7); --box-init-skip with no prefix transfers it too, as the official code does
   python finetune.py --detector fcos --init outputs/box_fcos/checkpoint.pth --box-init-skip
 
+  # DETR (AdamW, backbone lr x0.1, gradients clipped at 0.1); on COCO the official AlignDet schedule, 150 epochs
+  python finetune.py --detector detr
+  torchrun --nproc_per_node 8 finetune.py --detector detr --preset coco ...
+  # ... or evaluate / fine-tune the published DETR weights (the reference release's layout is read as it is)
+  python finetune.py --detector detr --preset coco --init detr-r50-e632da11.pth --keep-heads --eval-only ...
+
   # Any other backbone: torchvision's names, or a MoCo / SwAV / DINO / DenseCL checkpoint
   python finetune.py --preset coco --init torchvision:ResNet50_Weights.IMAGENET1K_V2 ...
   python finetune.py --preset coco --init moco_v2_800ep_pretrain.pth.tar ...
@@ -57,8 +63,8 @@ from aligndet.data.coco import CocoDetection, collate_fn
 from aligndet.data.demo import DemoDataError, ensure_demo
 from aligndet.data.splits import label_fraction_split
 from aligndet.data.transforms import eval_transforms, train_transforms
-from aligndet.engine import (EpochBatches, JsonLog, NonFiniteLossError, evaluate, grad_scaler, sgd_step_schedule,
-                             start_run, train_one_epoch)
+from aligndet.engine import (EpochBatches, JsonLog, NonFiniteLossError, evaluate, grad_scaler, start_run,
+                             step_schedule_optimizer, train_one_epoch)
 from aligndet.evaluation import CocoEvaluator
 from aligndet.models import DETECTORS, build_detector
 from aligndet.presets import PRESET_NAMES, finetune_defaults, model_options
@@ -101,6 +107,16 @@ def get_args_parser():
                    "(faster_rcnn)")
     m.add_argument("--box-batch-size-per-image", type=int, help="RoIs sampled per image for the box-head loss "
                    "(faster_rcnn)")
+    m.add_argument("--num-queries", type=int, help="object queries (detr)")
+    m.add_argument("--enc-layers", type=int, help="transformer encoder layers (detr)")
+    m.add_argument("--dec-layers", type=int, help="transformer decoder layers (detr)")
+    m.add_argument("--hidden-dim", type=int, help="transformer width d (detr)")
+    m.add_argument("--nheads", type=int, help="attention heads (detr)")
+    m.add_argument("--dim-feedforward", type=int, help="width of the transformer's feed-forward layers (detr)")
+    m.add_argument("--dropout", type=float, help="transformer dropout (detr)")
+    m.add_argument("--dilation", action="store_true", default=None, help="DC5: layer4 dilated, stride 16 (detr; "
+                   "resnet50 and deeper)")
+    m.add_argument("--eos-coef", type=float, help="weight of the no-object class in the loss (detr)")
     m.add_argument("--init", nargs="+", default=[], metavar="WEIGHTS",
                    help="initialise from these, in order: a box-domain (train_box.py) or any detector checkpoint "
                         "(final output layers re-initialised), or backbone weights: train_image.py's checkpoint, "
@@ -161,14 +177,17 @@ def build_datasets(args):
     return train_set, val_set
 
 
-def build_model(args, num_classes, log):
-    """The detector of ``args``, initialised from every ``--init`` source in order."""
+def build_model(args, num_classes, log, label_to_cat=None):
+    """The detector of ``args``, initialised from every ``--init`` source in order (``label_to_cat``: the
+    dataset's category id of each label, which picks the class-head rows of a reference DETR checkpoint)."""
     options = model_options(args.detector, vars(args))
     if args.init:  # every --init source carries a backbone: skip the preset's (a download for coco)
         options["backbone_weights"] = None
     model = build_detector(args.detector, num_classes, backbone=args.backbone, **options)
+    category_ids = [label_to_cat[label] for label in range(1, num_classes + 1)] if label_to_cat else None
     sources = [load_pretrained(model, path, keep_heads=args.keep_heads, log=log, detector=args.detector,
-                               skip=args.init_skip, box_skip=args.box_init_skip or ())["source"]
+                               skip=args.init_skip, box_skip=args.box_init_skip or (),
+                               category_ids=category_ids)["source"]
                for path in args.init]
     if args.init_skip and "detector" not in sources:
         raise CheckpointError("--init-skip needs a detector checkpoint in --init (train_box.py or finetune.py); "
@@ -204,7 +223,7 @@ def main(args):
     train_set, val_set = build_datasets(args)
     log(train_set.report())
     log(val_set.report())
-    model_without_ddp = build_model(args, train_set.num_classes, log).to(device)
+    model_without_ddp = build_model(args, train_set.num_classes, log, train_set.label_to_cat).to(device)
     model = dist_utils.wrap_ddp(model_without_ddp, device)
 
     train_batches = EpochBatches(train_set, args.batch_size, args.workers, rank, world, args.seed, shuffle=True,
@@ -212,7 +231,7 @@ def main(args):
     val_batches = EpochBatches(val_set, args.batch_size, args.workers, rank, world, args.seed, shuffle=False,
                                collate_fn=collate_fn)
     iters_per_epoch = len(train_batches)
-    optimizer, lr_fn = sgd_step_schedule(model_without_ddp, args, world, iters_per_epoch)
+    optimizer, lr_fn = step_schedule_optimizer(model_without_ddp, args, world, iters_per_epoch)
     scaler = grad_scaler(args.amp)
 
     metrics = []
@@ -234,7 +253,7 @@ def main(args):
     for epoch in range(start_epoch, args.epochs):
         t0 = time.time()
         means = train_one_epoch(model, optimizer, train_batches.loader(epoch, start_iter), device, epoch, lr_fn,
-                                scaler, args.amp, log_file, checkpoint)
+                                scaler, args.amp, log_file, checkpoint, args.clip_grad_norm)
         start_iter = 0
         checkpoint.save(epoch + 1)  # before evaluating, so a crash there loses no training
         if epoch + 1 == args.epochs or (epoch + 1) % args.eval_every == 0:

@@ -58,10 +58,12 @@ from aligndet.data.proposal_cache import ProposalCache, ProposalCacheError
 from aligndet.data.proposals import PRESETS as PROPOSAL_PRESETS
 from aligndet.data.proposals import ensure_proposals
 from aligndet.data.views import TwoViewDataset, build_view_transform, two_view_collate
-from aligndet.engine import EpochBatches, JsonLog, NonFiniteLossError, grad_scaler, sgd_step_schedule, start_run, train_one_epoch
-from aligndet.models import DETECTORS, build_detector
+from aligndet.engine import (EpochBatches, JsonLog, NonFiniteLossError, grad_scaler, start_run,
+                             step_schedule_optimizer, train_one_epoch)
+from aligndet.models import build_detector
 from aligndet.presets import BOX_VIEWS, PRESET_NAMES, box_defaults, model_defaults, model_options
 from aligndet.pretrain.box import AlignDet
+from aligndet.pretrain.hooks import BOX_DOMAIN_DETECTORS
 
 def get_args_parser():
     p = runbook_parser("train_box.py", __doc__, preset_keys=("preset", "detector"), presets=box_defaults)
@@ -83,7 +85,7 @@ def get_args_parser():
 
     m = p.add_argument_group("model (the architecture is finetune.py's for the same --preset and --detector)")
     m.add_argument("--preset", choices=PRESET_NAMES, default="demo", help="architecture and schedule")
-    m.add_argument("--detector", choices=sorted(DETECTORS), default="faster_rcnn",
+    m.add_argument("--detector", choices=sorted(BOX_DOMAIN_DETECTORS), default="faster_rcnn",
                    help="the detector whose neck and heads are pre-trained; fine-tune it with the same --detector")
     m.add_argument("--backbone", help="resnet18 / resnet34 / resnet50 / resnet101")
     m.add_argument("--init", metavar="WEIGHTS", help="stage-1 backbone: train_image.py's checkpoint, "
@@ -189,7 +191,7 @@ def main(args):
                                  head_options=embedding_head_options(args)).to(device)
     model = dist_utils.wrap_ddp(model_without_ddp, device)
 
-    optimizer, lr_fn = sgd_step_schedule(model_without_ddp, args, world, iters_per_epoch)
+    optimizer, lr_fn = step_schedule_optimizer(model_without_ddp, args, world, iters_per_epoch)
     scaler = grad_scaler(args.amp)
 
     checkpoint = RunCheckpoint(args.output_dir, model_without_ddp, optimizer, scaler, args, "box",
@@ -203,12 +205,12 @@ def main(args):
             if used else "--bn-stats scenes: the backbone has no batch-norm layers; nothing recomputed")
     log_file = JsonLog(os.path.join(args.output_dir, "log.jsonl"), args.print_freq)
     log(f"box-domain pre-training of {args.detector} ({args.backbone}, backbone frozen) on {len(dataset)} images, "
-        f"{world} process(es), batch {args.batch_size * world}, lr {lr_fn.base_lr:g}, {args.epochs} epochs of {iters_per_epoch} "
-        f"iterations")
+        f"{world} process(es), batch {args.batch_size * world}, lr {lr_fn.base_lr:g}, {args.epochs} epochs of "
+        f"{iters_per_epoch} iterations")
     for epoch in range(start_epoch, args.epochs):
         t0 = time.time()
         means = train_one_epoch(model, optimizer, batches.loader(epoch, start_iter), device, epoch, lr_fn,
-                                scaler, args.amp, log_file, checkpoint)
+                                scaler, args.amp, log_file, checkpoint, args.clip_grad_norm)
         start_iter = 0
         checkpoint.save(epoch + 1)
         log_file.write({"epoch": epoch, "epoch_time": round(time.time() - t0, 1),

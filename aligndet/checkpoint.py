@@ -76,7 +76,8 @@ def _state_dict_of(checkpoint):
     return checkpoint
 
 
-def load_pretrained(model, path, keep_heads=False, log=print, detector=None, skip=(), box_skip=()):
+def load_pretrained(model, path, keep_heads=False, log=print, detector=None, skip=(), box_skip=(),
+                    category_ids=None):
     """Initialise ``model`` from a stage checkpoint or an imported backbone and print what happened.
 
     Accepted sources (AlignDet's transfer, docs/method.md §3.8):
@@ -87,6 +88,11 @@ def load_pretrained(model, path, keep_heads=False, log=print, detector=None, ski
         which stay re-initialised unless ``keep_heads``. Keys the model does
         not have (e.g. the pre-training embedding MLP) are reported as
         unexpected and ignored; tensors whose shape differs are re-initialised;
+      - a DETR checkpoint in the layout of the reference release (``detr-r50-e632da11.pth``:
+        ``backbone.0.body.*``, ``transformer.*``, ``query_embed.weight``), converted by
+        ``aligndet.models.detr.detr_state_dict_from_reference`` and loaded as above;
+        ``category_ids`` (the release's class index of each label 1..K, i.e. the COCO
+        category ids) keeps those rows of its class head for ``keep_heads``;
       - anything else ``aligndet.models.weights.load_backbone_weights`` reads
         (image-domain stage 1 ``{"backbone": ...}``, MoCo / SwAV / DINO /
         DenseCL checkpoints, ``torchvision:ResNet50_Weights.IMAGENET1K_V2``,
@@ -112,6 +118,11 @@ def load_pretrained(model, path, keep_heads=False, log=print, detector=None, ski
             raise CheckpointError(f"{path} holds a {saved} ({checkpoint['stage']} stage); pass --detector {saved} "
                                   f"(got --detector {detector})")
     state = _state_dict_of(checkpoint) if isinstance(checkpoint, dict) else None
+    if state and "query_embed.weight" in state and any(k.startswith("backbone.0.body.") for k in state):
+        from aligndet.models.detr import detr_state_dict_from_reference
+
+        log(f"{path}: a DETR in the reference release's layout")
+        state = detr_state_dict_from_reference(state, category_ids if keep_heads else None)
     if state and any(k.startswith("backbone.body.") for k in state):
         box = isinstance(checkpoint, dict) and checkpoint.get("stage") == "box"
         if box and box_skip:

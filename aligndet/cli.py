@@ -80,13 +80,17 @@ def add_run_arguments(parser, output_dir):
 
 
 def add_step_schedule_arguments(parser, epochs_help):
-    """SGD with a step schedule (train_box.py, finetune.py); ``engine.sgd_step_schedule`` reads them."""
+    """The optimiser and its step schedule (train_box.py, finetune.py); ``engine.step_schedule_optimizer``
+    and ``engine.train_one_epoch`` read them."""
     o = parser.add_argument_group("optimisation (defaults: --preset's)")
     o.add_argument("--epochs", type=int, help=epochs_help)
     o.add_argument("--batch-size", type=int, help="images per process per step")
-    o.add_argument("--lr", type=float, help="SGD learning rate for 16 images per step (scaled to the real batch)")
+    o.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd", help="SGD with momentum, or AdamW")
+    o.add_argument("--lr", type=float, help="learning rate for 16 images per step (scaled to the real batch)")
     o.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    o.add_argument("--weight-decay", type=float, help="SGD weight decay")
+    o.add_argument("--weight-decay", type=float, help="weight decay")
+    o.add_argument("--backbone-lr-mult", type=float, default=1.0, help="the backbone's lr as a multiple of --lr")
+    o.add_argument("--clip-grad-norm", type=float, default=0.0, help="clip the gradients' L2 norm (0: off)")
     o.add_argument("--warmup-iters", type=int, help="linear warm-up iterations")
     o.add_argument("--lr-steps", type=int, nargs="*", help="epochs at which lr is multiplied by 0.1")
     return o

@@ -69,13 +69,29 @@ class StepLR:
         return step_lr(iteration, self.base_lr, self.iters_per_epoch, self.warmup_iters, steps=self.steps)
 
 
-def sgd_step_schedule(model, args, world_size, iters_per_epoch):
-    """SGD over ``model``'s trainable parameters and its ``StepLR``, from the options of
-    ``cli.add_step_schedule_arguments``: ``args.lr`` is per 16 images, scaled linearly to
-    ``args.batch_size x world_size``."""
+def step_schedule_optimizer(model, args, world_size, iters_per_epoch):
+    """The optimiser over ``model``'s trainable parameters and its ``StepLR``, from the options of
+    ``cli.add_step_schedule_arguments``: SGD with momentum, or AdamW (``args.optimizer``); ``args.lr``
+    is per 16 images, scaled linearly to ``args.batch_size x world_size``. ``args.backbone_lr_mult``
+    other than 1 puts the backbone's parameters in a group of their own at that multiple of the lr
+    (DETR's 0.1); ``train_one_epoch`` keeps the ratio through the schedule."""
     base_lr = args.lr * (args.batch_size * world_size) / 16
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=base_lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    mult = getattr(args, "backbone_lr_mult", 1.0)
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if mult == 1.0:
+        groups = [{"params": [p for _, p in trainable]}]
+    else:
+        in_backbone = [name.startswith("backbone.") or ".backbone." in name for name, _ in trainable]
+        groups = [{"params": [p for (_, p), b in zip(trainable, in_backbone) if not b], "lr_mult": 1.0},
+                  {"params": [p for (_, p), b in zip(trainable, in_backbone) if b], "lr_mult": mult}]
+        groups = [g for g in groups if g["params"]]
+    kind = getattr(args, "optimizer", "sgd")
+    if kind == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=base_lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    elif kind == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=base_lr, weight_decay=args.weight_decay)
+    else:
+        raise ValueError(f"unknown optimizer {kind!r}; choose sgd or adamw")
     return optimizer, StepLR(base_lr, iters_per_epoch, args.warmup_iters, args.lr_steps)
 
 
@@ -185,14 +201,15 @@ def batch_image_ids(batch):
 
 
 def train_one_epoch(model, optimizer, batches, device, epoch, lr_fn, scaler=None, amp="none", log=None,
-                    checkpoint=None):
+                    checkpoint=None, clip_grad_norm=0.0):
     """One pass over ``batches`` (an ``EpochBatches.loader``): ``model(*batch)`` returns a
     dict; its ``loss*`` terms, scaled by the model's ``weight_dict``, are optimised and
     every entry is logged. ``lr_fn(global_iteration)`` sets the learning rate before a
     step; the model's ``after_step(step)`` (momentum updates) runs after each optimiser
     step and may return values to log. ``checkpoint`` (a ``RunCheckpoint``) saves every
     ``checkpoint.every`` iterations, and the last finite weights if a loss is not
-    finite. A batch with no image is skipped. Returns the epoch's mean of every value."""
+    finite. ``clip_grad_norm`` > 0 clips the gradients' global L2 norm before each step (DETR).
+    A batch with no image is skipped. Returns the epoch's mean of every value."""
     model.train()
     core = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     iters = len(batches)
@@ -206,7 +223,7 @@ def train_one_epoch(model, optimizer, batches, device, epoch, lr_fn, scaler=None
         step = epoch * iters + iteration
         lr = lr_fn(step)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_mult", 1.0)
         with autocast(device, amp):
             outputs = model(*to_device(batch, device))
         loss, total, logged = weighted_loss(outputs, core.weight_dict)
@@ -220,10 +237,15 @@ def train_one_epoch(model, optimizer, batches, device, epoch, lr_fn, scaler=None
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
+            if clip_grad_norm > 0:
+                scaler.unscale_(optimizer)
+                clip_gradients(optimizer, clip_grad_norm)
             scaler.step(optimizer)
             scaler.update()
         else:
             loss.backward()
+            if clip_grad_norm > 0:
+                clip_gradients(optimizer, clip_grad_norm)
             optimizer.step()
         after = core.after_step(step + 1) if hasattr(core, "after_step") else None
         record = {"loss": total, **{k: v.item() for k, v in logged.items()}, "lr": lr, **(after or {})}
@@ -241,6 +263,12 @@ def train_one_epoch(model, optimizer, batches, device, epoch, lr_fn, scaler=None
     if skipped:
         means["skipped_batches"] = skipped
     return means
+
+
+def clip_gradients(optimizer, max_norm):
+    """Clip the global L2 norm of the gradients of every parameter ``optimizer`` steps."""
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
 def weighted_loss(outputs, weight_dict):

@@ -18,7 +18,9 @@ from aligndet.models import DETECTORS
 MODEL_OPTIONS = ("backbone_weights", "norm", "trainable_layers", "fpn_channels", "min_size", "max_size",
                  "anchor_sizes", "head_norm", "representation_size", "rpn_pre_nms_top_n_train",
                  "rpn_post_nms_top_n_train", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test",
-                 "rpn_batch_size_per_image", "box_batch_size_per_image")
+                 "rpn_batch_size_per_image", "box_batch_size_per_image",
+                 "num_queries", "enc_layers", "dec_layers", "hidden_dim", "nheads", "dim_feedforward", "dropout",
+                 "dilation", "eos_coef")
 
 BACKBONES = {
     # Small and fast: the demo dataset on a laptop CPU, ResNet-18 at 128 px, trained from scratch.
@@ -39,6 +41,9 @@ DETECTOR_PRESETS = {
     ("retinanet", "demo"): dict(anchor_sizes=[16, 32, 64, 128, 256], head_norm="gn", fpn_channels=64),
     # 64 FPN channels for FCOS's GroupNorm too.
     ("fcos", "demo"): dict(fpn_channels=64),
+    # A small DETR for 128 px scenes (benchmarks/RESULTS.md, "DETR on the demo"): 2 + 2 layers of width 128 and
+    # 20 queries (a scene holds at most 6 digits).
+    ("detr", "demo"): dict(num_queries=20, enc_layers=2, dec_layers=2, hidden_dim=128, nheads=8, dim_feedforward=512),
 }
 PRESET_NAMES = tuple(BACKBONES)
 
@@ -54,10 +59,17 @@ FINETUNE = {
 # The one-stage detectors' lr is half Faster R-CNN's, as in torchvision's and the paper's recipes. On the demo their
 # classification tower is not taken from a box-domain checkpoint: stage 2 collapses it there (docs/method.md §7).
 ONE_STAGE_DEMO_SKIP = ["head.classification_head."]
+# DETR trains with AdamW, the backbone at 0.1 x the lr and gradients clipped at 0.1; on COCO the official AlignDet
+# fine-tuning: 1e-4 per 16 images, 150 epochs with a step at 100 (50- and 100-epoch variants: --epochs, --lr-steps).
+DETR_OPTIMISER = dict(optimizer="adamw", weight_decay=1e-4, backbone_lr_mult=0.1, clip_grad_norm=0.1)
 FINETUNE_PER_DETECTOR = {("retinanet", "demo"): dict(lr=0.02, box_init_skip=ONE_STAGE_DEMO_SKIP),
                          ("retinanet", "coco"): dict(lr=0.01),
                          ("fcos", "demo"): dict(lr=0.02, box_init_skip=ONE_STAGE_DEMO_SKIP),
-                         ("fcos", "coco"): dict(lr=0.01)}
+                         ("fcos", "coco"): dict(lr=0.01),
+                         ("detr", "demo"): dict(**DETR_OPTIMISER, lr=2e-4, warmup_iters=0, epochs=50, lr_steps=[40],
+                                                eval_every=10),
+                         ("detr", "coco"): dict(**DETR_OPTIMISER, lr=1e-4, warmup_iters=0, epochs=150,
+                                                lr_steps=[100])}
 
 # Box-domain pre-training (train_box.py).
 BOX = {
@@ -101,7 +113,8 @@ def model_defaults(detector, preset):
     for key in MODEL_OPTIONS:
         default = accepted[key].default if key in accepted else None
         values[key] = list(default) if isinstance(default, tuple) else default  # as a nargs="+" flag gives it
-    values.update(BACKBONES[preset])
+    # The backbone table names options of the FPN detectors too (fpn_channels); a detector without them keeps None.
+    values.update({k: v for k, v in BACKBONES[preset].items() if k == "backbone" or k in accepted})
     values.update(DETECTOR_PRESETS.get((detector, preset), {}))
     return values
 

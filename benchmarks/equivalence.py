@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from aligndet.convert import to_torchvision  # noqa: E402
-from aligndet.models import DETECTORS, build_detector  # noqa: E402
+from aligndet.models import TORCHVISION_DETECTORS, build_detector  # noqa: E402
 from speed import SIZES, confident, convertible, make_inputs, setting_for  # noqa: E402
 
 # torchvision's names for our loss terms.
@@ -77,11 +77,11 @@ def compare(detector, setting):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--detector", choices=["all", *DETECTORS], default="all")
+    p.add_argument("--detector", choices=["all", *TORCHVISION_DETECTORS], default="all")
     p.add_argument("--setting", choices=["all", *SIZES], default="all")
     args = p.parse_args()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
-    for detector in (DETECTORS if args.detector == "all" else [args.detector]):
+    for detector in (TORCHVISION_DETECTORS if args.detector == "all" else [args.detector]):
         for setting in (SIZES if args.setting == "all" else [args.setting]):
             compare(detector, setting)
 

@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from aligndet.convert import to_torchvision  # noqa: E402
 from aligndet.engine import weighted_loss  # noqa: E402
 from aligndet.models import build_detector  # noqa: E402
-from aligndet.models import DETECTORS  # noqa: E402
+from aligndet.models import TORCHVISION_DETECTORS  # noqa: E402
 from aligndet.presets import box_defaults, model_defaults, model_options  # noqa: E402
 from aligndet.pretrain.box import AlignDet  # noqa: E402
 from aligndet.pretrain.hooks import hook_for  # noqa: E402
@@ -212,7 +212,7 @@ def bench_pretrain(detector, setting, repeats, warmup, device, amp):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--detector", choices=["all", *DETECTORS], default="all")
+    p.add_argument("--detector", choices=["all", *TORCHVISION_DETECTORS], default="all")
     p.add_argument("--setting", choices=["all", *SIZES], default="all")
     p.add_argument("--what", choices=["all", "torchvision", "pretrain"], default="all",
                    help="ours vs torchvision, and/or the pre-training step vs the fine-tuning step")
@@ -226,7 +226,7 @@ def main():
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, amp {args.amp}")
-    for detector in (DETECTORS if args.detector == "all" else [args.detector]):
+    for detector in (TORCHVISION_DETECTORS if args.detector == "all" else [args.detector]):
         for setting in (SIZES if args.setting == "all" else [args.setting]):
             if args.what in ("all", "torchvision"):
                 bench(detector, setting, args.repeats, args.warmup, device, args.amp)

@@ -51,9 +51,11 @@ with tempfile.NamedTemporaryFile(suffix=".pth") as f:  # backbone weights read b
     "aligndet.models.retinanet": f"from aligndet.models.retinanet import build_retinanet\n"
                                  f"check(build_retinanet(2, {TINY.format(32)}))",
     "aligndet.models.fcos": f"from aligndet.models.fcos import build_fcos\ncheck(build_fcos(2, {TINY.format(64)}))",
-    "aligndet.models": f"from aligndet.models import DETECTORS, build_detector\n"
+    "aligndet.models": f"import inspect\nfrom aligndet.models import DETECTORS, build_detector\n"
                        f"for name in DETECTORS:\n"
-                       f"    check(build_detector(name, 2, {TINY.format(64)}))",
+                       f"    fpn = 'fpn_channels' in inspect.signature(DETECTORS[name]).parameters\n"
+                       f"    check(build_detector(name, 2, {TINY.format(64)}) if fpn else\n"
+                       f"          build_detector(name, 2, backbone='resnet18', min_size=64, max_size=64))",
     "aligndet.pretrain.losses": """
 from aligndet.pretrain.losses import box_contrastive_loss
 q = torch.randn(6, 16, requires_grad=True)  # [Nq, D] online embeddings

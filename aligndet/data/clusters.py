@@ -47,8 +47,6 @@ FORMAT = "aligndet-clusters"
 VERSION = 1
 FOLDER = "clusters"
 LEVEL_STRIDES = {"C2": 4, "C3": 8, "C4": 16, "C5": 32}
-# The settings a cluster folder records; another value of any of them is another clustering.
-SETTINGS = ("k", "level", "pool", "dims", "sample", "seed", "iters", "max_side", "init_sha256")
 
 
 def cluster_dir(cache_dir):
@@ -66,21 +64,25 @@ def file_sha256(path, chunk=1 << 22):
 # ---- features -------------------------------------------------------------------------------------------------
 
 def load_feature_body(init, level):
-    """The frozen ResNet of checkpoint ``init`` up to stage ``level`` (eval mode), its depth found from the
-    checkpoint's tensors (any layout ``aligndet.models.weights`` reads)."""
+    """The frozen ResNet of ``init`` up to stage ``level`` (eval mode). ``init`` is a checkpoint (any layout
+    ``aligndet.models.weights`` reads; its depth is found from its tensors) or ``torchvision:<Enum>.<NAME>``."""
     from aligndet.models.backbone import ResNetBody, load_resnet
-    from aligndet.models.weights import CheckpointError, extract_backbone_state, read_checkpoint, resnet_name
+    from aligndet.models.weights import (TORCHVISION, CheckpointError, extract_backbone_state,
+                                         parse_torchvision_weights, read_checkpoint, resnet_name)
 
     if level not in LEVEL_STRIDES:
         raise ValueError(f"unknown level {level!r}; choose one of {', '.join(LEVEL_STRIDES)}")
-    if not os.path.isfile(init):
-        raise FileNotFoundError(f"no stage-1 checkpoint at {init}")
-    with torch.device("meta"):  # names and shapes only; ResNet-152's names include every smaller ResNet's
-        widest = torchvision.models.resnet152().state_dict()
-    state, _, _ = extract_backbone_state(read_checkpoint(init), widest)
-    arch = resnet_name({k: v.shape for k, v in state.items()})
-    if arch is None:
-        raise CheckpointError(f"{init} holds no ResNet of a known depth")
+    if init.startswith(TORCHVISION):
+        arch = type(parse_torchvision_weights(init)).__name__.split("_")[0].lower()  # ResNet50_Weights -> resnet50
+    elif not os.path.isfile(init):
+        raise FileNotFoundError(f"no stage-1 checkpoint at {init} (a file, or {TORCHVISION}<Enum>.<NAME>)")
+    else:
+        with torch.device("meta"):  # names and shapes only; ResNet-152's names include every smaller ResNet's
+            widest = torchvision.models.resnet152().state_dict()
+        state, _, _ = extract_backbone_state(read_checkpoint(init), widest)
+        arch = resnet_name({k: v.shape for k, v in state.items()})
+        if arch is None:
+            raise CheckpointError(f"{init} holds no ResNet of a known depth")
     body = ResNetBody(load_resnet(arch, weights=init, norm="frozen_bn"), trainable_layers=0,
                       returned_layers=(int(level[1]) - 1,))
     return body.eval()
@@ -253,8 +255,10 @@ def cluster_cache(cache_dir, records, init, k, level="C4", pool=7, dims=256, sam
         raise ValueError(f"{len(missing)} cache keys have no image (first: {missing[0]}); check --images")
     if dims < 1 or pool < 1 or sample < 1:
         raise ValueError("--dims, --pool and --sample must be positive")
+    # What index.json records; another value of any of them is another clustering (init_sha256: the stage-1
+    # checkpoint file's digest, or the torchvision weights' name).
     settings = dict(k=k, level=level, pool=pool, dims=min(dims, 256), sample=sample, seed=seed, iters=iters,
-                    max_side=max_side, init_sha256=file_sha256(init))
+                    max_side=max_side, init_sha256=file_sha256(init) if os.path.isfile(init) else init)
     index = open_cluster_folder(cache, cache_dir, settings, overwrite)
     folder = cluster_dir(cache_dir)
     body = load_feature_body(init, level)

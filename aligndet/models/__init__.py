@@ -1,6 +1,7 @@
 """Detectors. `build_detector(name, num_classes, backbone=..., **options)`
 builds any of them by name; options are the named arguments of each
 detector's `build_*` function."""
+from .detr import DETR, build_detr
 from .faster_rcnn import FasterRCNN, build_faster_rcnn
 from .fcos import FCOS, build_fcos
 from .retinanet import RetinaNet, build_retinanet
@@ -9,7 +10,10 @@ DETECTORS = {
     "faster_rcnn": build_faster_rcnn,
     "retinanet": build_retinanet,
     "fcos": build_fcos,
+    "detr": build_detr,
 }
+# The detectors torchvision also has: aligndet.convert maps them both ways, and the equivalence benchmark compares.
+TORCHVISION_DETECTORS = ("faster_rcnn", "retinanet", "fcos")
 
 
 def build_detector(name: str, num_classes: int, backbone: str = "resnet50", **options):
@@ -20,5 +24,5 @@ def build_detector(name: str, num_classes: int, backbone: str = "resnet50", **op
     return DETECTORS[name](num_classes, backbone=backbone, **options)
 
 
-__all__ = ["DETECTORS", "FCOS", "FasterRCNN", "RetinaNet", "build_detector", "build_faster_rcnn", "build_fcos",
-           "build_retinanet"]
+__all__ = ["DETECTORS", "DETR", "FCOS", "FasterRCNN", "RetinaNet", "TORCHVISION_DETECTORS", "build_detector",
+           "build_detr", "build_faster_rcnn", "build_fcos", "build_retinanet"]

@@ -16,19 +16,26 @@ STAGES = ("conv1", "layer1", "layer2", "layer3", "layer4")  # stem counts as sta
 NORM_LAYERS = {"frozen_bn": FrozenBatchNorm2d, "bn": nn.BatchNorm2d, "sync_bn": nn.BatchNorm2d}
 
 
-def load_resnet(name: str, weights=None, norm: str = "frozen_bn") -> nn.Module:
+def load_resnet(name: str, weights=None, norm: str = "frozen_bn", dilation: bool = False) -> nn.Module:
     """A torchvision ResNet.
 
     weights: None (random init), "imagenet" (torchvision's DEFAULT weights for
     ``name``), "torchvision:ResNet50_Weights.IMAGENET1K_V2" (any torchvision
     weights name; both download once, see ``weights.py`` for offline use), or
     the path of a checkpoint holding a ResNet (ours, MoCo, SwAV, DINO, DenseCL...).
+    dilation: layer4 with stride 1 and dilation 2 (DETR's DC5; ResNet-50 and
+    deeper only). The weights' shapes do not change, so every source loads.
     """
     if name not in RESNETS:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(RESNETS)}")
     if norm not in NORM_LAYERS:
         raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORM_LAYERS)}")
-    resnet = getattr(torchvision.models, name)(weights=None, norm_layer=NORM_LAYERS[norm])
+    options = {}
+    if dilation:
+        if name in ("resnet18", "resnet34"):
+            raise ValueError(f"dilation needs a bottleneck ResNet (resnet50 or deeper), got {name}")
+        options["replace_stride_with_dilation"] = [False, False, True]
+    resnet = getattr(torchvision.models, name)(weights=None, norm_layer=NORM_LAYERS[norm], **options)
     if weights is not None:
         load_backbone_weights(resnet, weights, log=(lambda *a: None) if _other_rank() else print, arch=name)
     return resnet
