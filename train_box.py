@@ -20,6 +20,14 @@ Runbook
   python train_box.py --detector fcos --init outputs/image/checkpoint.pth --output-dir outputs/box_fcos
   python finetune.py --detector fcos --init outputs/box_fcos/checkpoint.pth --label-fraction 0.1
 
+  # DETR: first the proposals' pseudo-classes (k-means of stage-1 RoI features, docs/method.md §3.9),
+  # then the same flags; the detector gets one class per cluster and AdamW (--preset's)
+  python -m aligndet.data.proposals                      # the demo cache, if train_box.py has not built it yet
+  python -m aligndet.data.proposals cluster --cache data/demo/proposals/train \\
+      --init outputs/image/checkpoint.pth --k 32
+  python train_box.py --detector detr --init outputs/image/checkpoint.pth --output-dir outputs/box_detr
+  python finetune.py --detector detr --init outputs/box_detr/checkpoint.pth --label-fraction 0.1
+
   # COCO train2017 without labels, one GPU (stage 1: torchvision's ImageNet ResNet-50
   # unless --init names another backbone checkpoint)
   python -m aligndet.data.proposals build --images coco/train2017 \\
@@ -31,14 +39,21 @@ Runbook
   # The paper's recipe: 8 GPUs x 2 images, 12 epochs (--batch-size is per process)
   torchrun --nproc_per_node 8 train_box.py --preset coco ...
 
+  # DETR on COCO: 256 clusters, then the official DETR stage 2 (AdamW, 50 epochs, the first 50 proposals)
+  python -m aligndet.data.proposals cluster --cache proposals/train2017 --images coco/train2017 \\
+      --json coco/annotations/instances_train2017.json --init <stage-1 checkpoint> --k 256
+  torchrun --nproc_per_node 8 train_box.py --preset coco --detector detr ...
+
   # Resume an interrupted run (same --output-dir)
   python train_box.py ... --resume
 
 Learning rate: --lr is given for 16 images per step and scaled linearly to
 the real batch (batch size x processes): the paper uses 0.02 for Faster R-CNN
 (0.01 for RetinaNet and FCOS) at 16 images, SGD momentum 0.9, weight decay
-1e-4, 500 warm-up iterations, lr x0.1 after epochs 8 and 11. Every default
-shown by --help is the one the chosen --preset and --detector give.
+1e-4, 500 warm-up iterations, lr x0.1 after epochs 8 and 11; for DETR AdamW
+at 2e-4 per 64 images (--lr 5e-5), weight decay 1e-4, gradients clipped at
+0.1, 50 epochs, lr x0.1 after epoch 40. Every default shown by --help is the
+one the chosen --preset and --detector give.
 
 Outputs in --output-dir: checkpoint.pth (latest, resumable, "model" = the
 online detector), log.jsonl (every loss term, contrastive top-1 accuracy,
@@ -52,6 +67,7 @@ import time
 from aligndet import distributed as dist_utils
 from aligndet.checkpoint import CheckpointError, RunCheckpoint, load_pretrained
 from aligndet.cli import add_run_arguments, add_step_schedule_arguments, runbook_parser
+from aligndet.data.clusters import ClusterIds, cluster_dir
 from aligndet.data.demo import DemoDataError, ensure_demo
 from aligndet.data.images import list_images
 from aligndet.data.proposal_cache import ProposalCache, ProposalCacheError
@@ -75,7 +91,7 @@ def get_args_parser():
     d.add_argument("--proposal-preset", choices=sorted(PROPOSAL_PRESETS),
                    help="selective-search filters used when the cache must be built")
     d.add_argument("--max-proposals", type=int, help="proposals kept per image (0: all; the paper keeps 50 for "
-                   "retinanet)")
+                   "retinanet and the first 50 for detr, whose --num-queries must exceed it)")
     d.add_argument("--select", choices=["random", "first"], default="random",
                    help="which proposals --max-proposals keeps (random: redrawn each epoch)")
     d.add_argument("--views", choices=sorted(BOX_VIEWS), help="view sizes: short sides and long-side cap")
@@ -108,7 +124,7 @@ def get_args_parser():
     m.add_argument("--bn-batches", type=int, default=50, help="batches for --bn-stats scenes")
     m.add_argument("--num-samples", type=int, help="predictions kept for the contrastive loss, per image (faster_rcnn, "
                    "retinanet) or per batch (fcos); 0: the official number, 4096 positive RoIs for Faster R-CNN, "
-                   "2048 anchors / points for RetinaNet / FCOS")
+                   "2048 anchors / points for RetinaNet / FCOS; detr keeps every query (0 only)")
 
     add_step_schedule_arguments(p, "passes over the unlabelled images")
 
@@ -143,18 +159,46 @@ def build_dataset(args, main_proc):
         print(f"{len(usable)} of {len(records)} images have an entry in the proposal cache {args.proposals} "
               f"({stats['boxes'] / max(stats['images'] - stats['failed'], 1):.1f} proposals per image, "
               f"{stats['failed']} images failed there and are skipped); settings {cache.settings}")
+    classes = pseudo_classes(args.proposals, main_proc) if args.detector == "detr" else None
     transform = build_view_transform(**BOX_VIEWS[args.views], crop=args.crop)
     return TwoViewDataset(usable, cache, transform, max_proposals=args.max_proposals or None, select=args.select,
-                          seed=args.seed)
+                          seed=args.seed, classes=classes, skip_empty=classes is not None)
 
 
-def build_detector_to_pretrain(args, log):
-    """The detector of finetune.py's architecture for ``--preset`` / ``--detector``, one class ("object"),
-    with the stage-1 backbone of ``--init``."""
+def pseudo_classes(cache_dir, main_proc):
+    """DETR's proposal classes: the cluster ids beside the cache (docs/method.md §3.9); a clean exit naming
+    the cluster command when there are none."""
+    try:
+        classes = ClusterIds(cache_dir)
+    except ProposalCacheError as e:
+        sys.exit(f"train_box.py: error: {e}")
+    if main_proc:
+        print(f"pseudo-classes: {classes.k} clusters of the proposals in {cluster_dir(cache_dir)}; boxes without "
+              "one (-1) are dropped, and images left without proposals skipped")
+    return classes
+
+
+def check_detr_queries(args):
+    """DETR matches every proposal to a query of its own, so it needs more queries than the proposals it keeps
+    (docs/method.md §3.9); refused before anything is built."""
+    if args.detector != "detr":
+        return
+    queries = model_defaults(args.detector, args.preset)["num_queries"]
+    if not args.max_proposals or args.max_proposals >= queries:
+        kept = "every proposal" if not args.max_proposals else f"{args.max_proposals} proposals"
+        sys.exit(f"train_box.py: error: --max-proposals must be below DETR's {queries} queries (num_queries of "
+                 f"--preset {args.preset}), so that every proposal can be matched; got {kept} per image")
+    if args.num_samples:
+        sys.exit("train_box.py: error: --num-samples does not apply to detr, which keeps every query")
+
+
+def build_detector_to_pretrain(args, log, num_classes=1):
+    """The detector of finetune.py's architecture for ``--preset`` / ``--detector``, with ``num_classes``
+    classes (one, "object", except DETR's pseudo-classes) and the stage-1 backbone of ``--init``."""
     options = model_options(args.detector, model_defaults(args.detector, args.preset))
     if args.init:
         options["backbone_weights"] = None  # replaced by --init below
-    detector = build_detector(args.detector, 1, backbone=args.backbone, **options)
+    detector = build_detector(args.detector, num_classes, backbone=args.backbone, **options)
     if args.init:
         load_pretrained(detector, args.init, log=log)
     elif options.get("backbone_weights") is None:
@@ -173,16 +217,18 @@ def embedding_head_options(args):
         if args.detector != "fcos":
             raise ValueError(f"--cls-centerness is for --detector fcos, not {args.detector}")
         options["centerness"] = True
-    if options and args.detector == "faster_rcnn":
+    if options and args.detector in ("faster_rcnn", "detr"):
         raise ValueError("--embed-kernel and --embed-init-std are for the dense detectors (retinanet, fcos)")
     return options
 
 
 def main(args):
+    check_detr_queries(args)
     device, rank, world, log = start_run(args)
     main_proc = dist_utils.is_main_process()
     dataset = build_dataset(args, main_proc)
-    detector = build_detector_to_pretrain(args, log)
+    # DETR's class head predicts the proposals' clusters (labels 1..k); the other detectors have one class.
+    detector = build_detector_to_pretrain(args, log, dataset.classes.k if dataset.classes is not None else 1)
     batches = EpochBatches(dataset, args.batch_size, args.workers, rank, world, args.seed, shuffle=True,
                            collate_fn=two_view_collate, max_iters=args.max_iters)
     iters_per_epoch = len(batches)

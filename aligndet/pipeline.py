@@ -3,11 +3,14 @@
     python -m aligndet.pipeline                  # about 20 min on 2 CPU cores
     python -m aligndet.pipeline --out outputs/demo --label-fraction 0.1
     python -m aligndet.pipeline --detector fcos --out outputs/demo_fcos   # or retinanet
+    python -m aligndet.pipeline --detector detr --out outputs/demo_detr
 
 Stages, each a plain script run as a subprocess (their own output shows):
 
 1. ``train_image.py``: supervised ResNet-18 on the object-centric digits (stage 1);
 2. ``python -m aligndet.data.proposals``: selective search on the training scenes;
+   for DETR then ``python -m aligndet.data.proposals cluster``: the proposals'
+   pseudo-classes, k-means of stage 1's RoI features (docs/method.md §3.9);
 3. ``train_box.py --init stage 1``: box-domain pre-training of the detector (stage 2);
 4. ``finetune.py`` with 10 % of the labels from (a) stage 1 alone and
    (b) stage 1 + stage 2, same seed and schedule.
@@ -32,6 +35,10 @@ from aligndet.visualize import CURVE_COLOURS, ap_curves_figure
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Fine-tuning on few labels: 20 epochs over 10 % of the 2,000 scenes is ~500 iterations at batch 8.
 FINETUNE = dict(epochs=20, lr_steps=[15], eval_every=5)
+# DETR learns slowly: finetune.py's demo DETR schedule instead (50 epochs, step at 40).
+FINETUNE_PER_DETECTOR = {"detr": dict(epochs=50, lr_steps=[40], eval_every=10)}
+# The demo cache's pseudo-classes for DETR (the paper clusters COCO into 256; 2,000 scenes need fewer).
+DEMO_CACHE, DEMO_CLUSTERS = "data/demo/proposals/train", 32
 RUNS = {"a": "(a) stage 1 only", "b": "(b) stage 1 + box-domain (AlignDet)"}
 
 
@@ -45,15 +52,20 @@ def finetune_command(detector, init, out, fraction, seed, epochs, lr_steps, eval
 def stage_commands(out, fraction, seed, detector="faster_rcnn"):
     """``[(stage name, description, argv)]`` in order."""
     image, box = os.path.join(out, "image"), os.path.join(out, "box")
+    schedule = {**FINETUNE, **FINETUNE_PER_DETECTOR.get(detector, {})}
 
     def finetune(init, name):
-        return finetune_command(detector, init, os.path.join(out, name), fraction, seed, **FINETUNE)
+        return finetune_command(detector, init, os.path.join(out, name), fraction, seed, **schedule)
 
+    clusters = [("clusters", "pseudo-classes of the proposals (k-means of stage-1 RoI features)",
+                 ["-m", "aligndet.data.proposals", "cluster", "--cache", DEMO_CACHE, "--init",
+                  os.path.join(image, "checkpoint.pth"), "--k", str(DEMO_CLUSTERS)])] if detector == "detr" else []
     return [
         ("stage1", "stage 1: train_image.py (supervised, object-centric digits)",
          ["train_image.py", "--output-dir", image, "--seed", str(seed), "--resume"]),
         ("proposals", "selective-search proposals of the training scenes",
          ["-m", "aligndet.data.proposals"]),
+        *clusters,
         ("stage2", "stage 2: train_box.py (box-domain pre-training)",
          ["train_box.py", "--detector", detector, "--init", os.path.join(image, "checkpoint.pth"), "--output-dir", box,
           "--seed", str(seed), "--resume"]),
@@ -123,7 +135,8 @@ def run_stages(out, fraction, seed, detector="faster_rcnn"):
     return stages.done
 
 
-DETECTOR_NAMES = {"faster_rcnn": "Faster R-CNN", "retinanet": "RetinaNet", "fcos": "FCOS"}
+DETECTOR_NAMES = {"faster_rcnn": "Faster R-CNN R18-FPN", "retinanet": "RetinaNet R18-FPN", "fcos": "FCOS R18-FPN",
+                  "detr": "DETR R18"}
 
 
 def report(out, seconds, fraction, detector="faster_rcnn"):
@@ -131,18 +144,21 @@ def report(out, seconds, fraction, detector="faster_rcnn"):
     image_metrics = json.load(open(os.path.join(out, "image", "metrics.json")))
     results = {k: json.load(open(os.path.join(out, f"ft_{k}", "metrics.json"))) for k in RUNS}
     minutes = {k: v / 60 for k, v in seconds.items()}
+    clusters = minutes.get("clusters", 0.0)  # DETR's pseudo-classes, part of its stage 2
     lines = [
-        f"AlignDet on the demo dataset: {DETECTOR_NAMES[detector]} R18-FPN fine-tuned on {fraction:.0%} of the labels",
+        f"AlignDet on the demo dataset: {DETECTOR_NAMES[detector]} fine-tuned on {fraction:.0%} of the labels",
         "",
         "| fine-tuned from | AP | AP50 | pre-training min | fine-tuning min |",
         "|---|---|---|---|---|",
         f"| {RUNS['a']} | {results['a'][-1]['AP']:.3f} | {results['a'][-1]['AP50']:.3f} | "
         f"{minutes['stage1']:.1f} | {minutes['finetune_a']:.1f} |",
         f"| {RUNS['b']} | {results['b'][-1]['AP']:.3f} | {results['b'][-1]['AP50']:.3f} | "
-        f"{minutes['stage1'] + minutes['proposals'] + minutes['stage2']:.1f} | {minutes['finetune_b']:.1f} |",
+        f"{minutes['stage1'] + minutes['proposals'] + clusters + minutes['stage2']:.1f} | "
+        f"{minutes['finetune_b']:.1f} |",
         "",
         f"stage 1 val top-1 {image_metrics[-1]['top1']:.3f}; minutes: stage 1 {minutes['stage1']:.1f}, "
-        f"proposals {minutes['proposals']:.1f}, stage 2 {minutes['stage2']:.1f}, fine-tuning "
+        f"proposals {minutes['proposals']:.1f}, {f'clusters {clusters:.1f}, ' if 'clusters' in minutes else ''}"
+        f"stage 2 {minutes['stage2']:.1f}, fine-tuning "
         f"{minutes['finetune_a']:.1f} + {minutes['finetune_b']:.1f}; total {sum(minutes.values()):.1f}",
     ]
     panels = {f"{fraction:.0%} labels: AP vs fine-tuning epoch":

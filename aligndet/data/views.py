@@ -14,11 +14,14 @@ An item of ``TwoViewDataset`` is::
      "views": [view1, view2]}
     view = {"image": float32 [3, h, w] in [0, 1],  # no normalisation: the detector does it
             "boxes": float32 [M, 4] xyxy pixels of this view,
-            "ids":   int64 [M], a subset of 0..K-1, increasing}
+            "ids":   int64 [M], a subset of 0..K-1, increasing,
+            "classes": int64 [M], the boxes' pseudo-classes (only with ``classes``, for DETR)}
 
 ``K`` is the number of proposals kept for the image; ``M <= K`` because a box
 pushed out of a view by a crop is dropped from **that view only**. Ids are
 never renumbered, so id ``i`` means the same proposal in both views.
+With ``classes`` (DETR, docs/method.md §3.9) each box also carries its cluster
+id, which follows it through every drop; boxes without one (-1) are dropped.
 
 One view's augmentation (``build_view_transform``, the official views):
 one photometric op with a random magnitude (``RandomPhotometric``), an
@@ -206,6 +209,13 @@ class TwoViewDataset(torch.utils.data.Dataset):
             ``"random"`` a random subset, redrawn every epoch. Either way the kept
             proposals stay in cache order and get ids ``0..K-1``.
         seed: base seed of every random draw (subset and both views).
+        classes: anything with ``.get(key, num_boxes)`` giving an int64 array ``[N]``
+            of pseudo-classes, one per box of ``proposals.get(key)`` in its order
+            (``aligndet.data.clusters.ClusterIds``), or ``None``. Boxes of class -1 are
+            dropped before selection, and the views carry ``"classes"``.
+        skip_empty: return ``None`` for an image left without proposals (DETR, whose
+            cluster ids are -1 for every box of an image unreadable when clustering)
+            instead of views without boxes.
 
     Proposals with non-finite coordinates or ``x2 <= x1`` / ``y2 <= y1`` are
     dropped, the rest clipped to the image, before selection. Images that cannot
@@ -220,7 +230,7 @@ class TwoViewDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, records, proposals, view_transform, max_proposals=None, select="random",
-                 seed=0):
+                 seed=0, classes=None, skip_empty=False):
         if select not in ("first", "random"):
             raise ValueError(f"select must be 'first' or 'random', got {select!r}")
         if max_proposals is not None and (int(max_proposals) != max_proposals or max_proposals < 0):
@@ -233,6 +243,7 @@ class TwoViewDataset(torch.utils.data.Dataset):
         self.max_proposals = None if max_proposals is None else int(max_proposals)
         self.select = select
         self.seed = int(seed)
+        self.classes, self.skip_empty = classes, skip_empty
         self.epoch = 0
         self._sanitize = T.Compose([
             T.ClampBoundingBoxes(),  # partly-outside boxes are clipped, not dropped, by Sanitize
@@ -240,8 +251,8 @@ class TwoViewDataset(torch.utils.data.Dataset):
         ])
         self._counts = dict.fromkeys(
             ["missing_proposals", "unreadable_images", "proposals_read", "invalid_proposals",
-             "clipped_proposals", "dropped_after_clip", "capped_proposals", "kept_proposals",
-             "empty_images", "dropped_from_view"], 0)
+             "clipped_proposals", "dropped_after_clip", "unclassified_proposals", "capped_proposals",
+             "kept_proposals", "empty_images", "skipped_empty_images", "dropped_from_view"], 0)
         self._warn = WarningCap(logger)
 
     def set_epoch(self, epoch):
@@ -265,14 +276,26 @@ class TwoViewDataset(torch.utils.data.Dataset):
             self._warn("unreadable", "%s; skipping it", e)
             return None
         height, width = rgb.shape[:2]
-        boxes = self._clean_proposals(boxes, record.key, height, width)  # [N, 4] xyxy
+        raw = np.asarray(boxes)
+        boxes, rows = self._clean_proposals(raw, record.key, height, width)  # [N, 4] xyxy, their rows in raw
+        classes = None
+        if self.classes is not None:  # one per cached box, in cache order
+            classes = self.classes.get(record.key, len(raw) if raw.size else 0)[rows]
+            classified = classes >= 0
+            self._counts["unclassified_proposals"] += int((~classified).sum())
+            boxes, classes = boxes[classified], classes[classified]
 
         # Independent streams for the subset and the views, all from (seed, epoch, index).
         subset_seq, view_seq = np.random.SeedSequence([self.seed, self.epoch, index]).spawn(2)
-        boxes = self._select(boxes, np.random.default_rng(subset_seq))  # [K, 4]
+        keep = self._select(len(boxes), np.random.default_rng(subset_seq))
+        boxes = boxes[keep]  # [K, 4]
         num_proposals = len(boxes)
         self._counts["kept_proposals"] += num_proposals
         self._counts["empty_images"] += int(num_proposals == 0)
+        if num_proposals == 0 and self.skip_empty:
+            self._counts["skipped_empty_images"] += 1
+            self._warn("empty", "no proposal left for image %s; skipping it", record.key)
+            return None
 
         image = tv_tensors.Image(torch.from_numpy(rgb.transpose(2, 0, 1).copy()))  # [3, H, W] uint8
         sample = {
@@ -284,14 +307,18 @@ class TwoViewDataset(torch.utils.data.Dataset):
         with torch.random.fork_rng(devices=[]):  # leave the caller's RNG untouched
             torch.manual_seed(int(view_seq.generate_state(1, np.uint64)[0]))
             views = [self._view(sample), self._view(sample)]
+        if classes is not None:
+            classes = torch.from_numpy(classes[keep])  # [K], row i is proposal i's
+            views = [dict(view, classes=classes[view["ids"]]) for view in views]
         return {"image_id": record.image_id, "key": record.key, "orig_size": (height, width),
                 "num_proposals": num_proposals, "proposals": torch.from_numpy(boxes), "views": views}
 
     def _clean_proposals(self, boxes, key, height, width):
-        """Validated proposals as float32 ``[N, 4]`` xyxy, clipped to the image."""
+        """Validated proposals as float32 ``[N, 4]`` xyxy, clipped to the image, and the rows
+        of ``boxes`` they come from ``[N]``."""
         boxes = np.asarray(boxes)
         if boxes.size == 0:
-            return np.zeros((0, 4), dtype=np.float32)
+            return np.zeros((0, 4), dtype=np.float32), np.zeros(0, dtype=np.int64)
         if boxes.ndim != 2 or boxes.shape[1] != 4 or not np.issubdtype(boxes.dtype, np.number):
             raise ValueError(f"proposals of image {key} must be a numeric [N, 4] array, "
                              f"got shape {boxes.shape} and dtype {boxes.dtype}")
@@ -307,18 +334,17 @@ class TwoViewDataset(torch.utils.data.Dataset):
         inside = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
         self._counts["dropped_after_clip"] += int((~inside).sum())
         self._counts["clipped_proposals"] += int(((clipped != boxes).any(axis=1) & inside).sum())
-        return clipped[inside]
+        return clipped[inside], np.flatnonzero(valid)[inside]
 
-    def _select(self, boxes, rng):
-        """At most ``max_proposals`` of ``boxes`` ``[N, 4]``, in cache order."""
+    def _select(self, num_boxes, rng):
+        """Indices of at most ``max_proposals`` of ``num_boxes`` proposals, in cache order."""
         k = self.max_proposals
-        if k is None or len(boxes) <= k:
-            return boxes
-        self._counts["capped_proposals"] += len(boxes) - k
+        if k is None or num_boxes <= k:
+            return np.arange(num_boxes)
+        self._counts["capped_proposals"] += num_boxes - k
         if self.select == "first":
-            return boxes[:k]
-        keep = np.sort(rng.choice(len(boxes), size=k, replace=False))
-        return boxes[keep]
+            return np.arange(k)
+        return np.sort(rng.choice(num_boxes, size=k, replace=False))
 
     def _view(self, sample):
         """One random view: the transform, then boxes clipped and empty ones dropped."""

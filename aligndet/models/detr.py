@@ -194,12 +194,20 @@ class DETR(nn.Module):
         """features [B, C, h, w] (the backbone's C5 of the padded batch of size ``padded_size``)
         -> {"pred_logits" [B, Q, K + 1], "pred_boxes" [B, Q, 4] normalised cxcywh, of the last
         decoder layer, and "aux_outputs": the same for the earlier layers if ``aux_loss``}."""
+        hs = self.decode(features, image_sizes, padded_size)
+        return self.layer_outputs(self.class_embed(hs), self.bbox_embed(hs).sigmoid())
+
+    def decode(self, features: Tensor, image_sizes, padded_size) -> Tensor:
+        """features [B, C, h, w] -> hs [L, B, Q, d]: every decoder layer's query outputs (after the shared
+        final norm), before the heads. Box-domain pre-training puts its projector on them (docs/method.md §3.9)."""
         mask = padding_mask(image_sizes, padded_size, features.device)
         mask = F.interpolate(mask[None].float(), size=features.shape[-2:], mode="nearest")[0].bool()  # [B, h, w]
         pos = self.position_embedding(mask).to(features.dtype)                                         # [B, d, h, w]
         hs, _ = self.transformer(self.input_proj(features), mask, self.query_embed.weight, pos)      # [L, B, Q, d]
-        logits = self.class_embed(hs)                                                                 # [L, B, Q, K+1]
-        boxes = self.bbox_embed(hs).sigmoid()                                                         # [L, B, Q, 4]
+        return hs
+
+    def layer_outputs(self, logits: Tensor, boxes: Tensor) -> dict:
+        """Per-layer head outputs, logits [L, B, Q, K + 1] and boxes [L, B, Q, 4], as ``criterion`` takes them."""
         outputs = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
         if self.aux_loss:
             outputs["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]

@@ -30,7 +30,8 @@ class AlignDet(nn.Module):
 
     Args:
         detector: a detector built with ``build_detector`` (e.g. one class:
-            pre-training is class-agnostic); it becomes the online detector.
+            pre-training is class-agnostic; DETR: one class per pseudo-class
+            cluster); it becomes the online detector.
         embed_dim: embedding width D (independent of the number of instance ids).
         temperature: tau of the contrastive loss.
         base_momentum, total_steps: the EMA schedule (m0 -> 1 over total_steps).
@@ -55,7 +56,8 @@ class AlignDet(nn.Module):
         self.momentum = make_momentum_copy(detector)
         detector.backbone.body = body
         self.momentum_embed = make_momentum_copy(self.online_embed)
-        self.updaters = [MomentumUpdater(detector, self.momentum, base_momentum, total_steps, skip=(BODY,)),
+        self.updaters = [MomentumUpdater(detector, self.momentum, base_momentum, total_steps, skip=(BODY,),
+                                         copy_params=self.hook.copied_params),  # DETR: query_embed (§3.2)
                          MomentumUpdater(self.online_embed, self.momentum_embed, base_momentum, total_steps)]
         self.temperature = temperature
         self.num_samples = num_samples or self.hook.num_samples
@@ -73,7 +75,8 @@ class AlignDet(nn.Module):
 
     def _branch(self, detector, embed, views, with_losses):
         images = [v["image"] for v in views]
-        proposals = [{"boxes": v["boxes"], "ids": v["ids"]} for v in views]
+        # "classes": the proposals' pseudo-classes, which DETR's views carry (docs/method.md §3.9).
+        proposals = [{k: v[k] for k in ("boxes", "ids", "classes") if k in v} for v in views]
         batch, image_sizes, proposals = detector.transform(images, proposals, resize=False)
         with torch.no_grad():
             body_features = self.body(batch)
@@ -81,7 +84,8 @@ class AlignDet(nn.Module):
                                  self.num_samples, with_losses=with_losses)
 
     def forward(self, views1, views2, metas=None):
-        """views: per image {"image" [3, H, W] in [0, 1], "boxes" [N, 4] xyxy, "ids" [N]}
+        """views: per image {"image" [3, H, W] in [0, 1], "boxes" [N, 4] xyxy, "ids" [N]} (DETR's
+        also "classes" [N], the proposals' cluster ids)
         (``two_view_collate``, whose ``metas`` name the images in warnings). Returns a
         dict: ``loss_*`` terms (``weight_dict``), plus ``contrastive_accuracy``,
         ``instances``, ``matched_instances`` and ``queries`` for the log."""

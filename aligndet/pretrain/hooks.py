@@ -18,6 +18,10 @@ already has for supervised training (its matcher, box coder, heads).
 | Faster R-CNN | RPN RoIs + proposals | max IoU >= 0.5, no background  | 4096 pos. per image | MLP on box feature |
 | RetinaNet    | anchors P3-P7        | ``RetinaNet.match`` 0.5 / 0.4  | 2048 per image      | convs on cls tower |
 | FCOS         | points P3-P7         | ``FCOS.match`` (FCOS rule)     | 2048 per batch      | convs on cls tower |
+| DETR         | queries x layers     | Hungarian, box-only cost       | all queries         | MLP on decoder out |
+
+DETR also runs its own set loss against the proposals, with their
+pseudo-classes (cluster ids) as labels (docs/method.md §3.9).
 
 ``AlignDet`` (``box.py``) finds a detector's hook with ``hook_for(detector)``.
 """
@@ -29,8 +33,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_iou
 
+from aligndet.models.detr import DETR
 from aligndet.models.faster_rcnn import FasterRCNN
 from aligndet.models.fcos import FCOS
+from aligndet.models.hungarian import HungarianMatcher
 from aligndet.models.one_stage import flatten_predictions
 from aligndet.models.retinanet import RetinaNet
 
@@ -214,6 +220,62 @@ def sample_positives_first(matched: Tensor, num_samples: int, per_image: bool = 
     return torch.cat(picks)
 
 
+# ---------------------------------------------------------------- DETR
+
+def detr_embedding_head(detector: DETR, dim: int = 256) -> nn.Module:
+    """The projector on every decoder layer's query outputs: [..., d] -> Linear -> ReLU -> Linear -> [..., dim].
+    DETR keeps its class head, which trains on the pseudo-classes (docs/method.md §3.9)."""
+    d = detector.transformer.d_model
+    return nn.Sequential(nn.Linear(d, d), nn.ReLU(inplace=True), nn.Linear(d, dim))
+
+
+def detr_box_domain(detector: DETR, body_features, image_sizes, padded_size, proposals, embedding_head: nn.Module,
+                    num_samples: int = 0, with_losses: bool = True) -> dict:
+    """DETR row of docs/method.md §4 (arguments as in ``faster_rcnn_box_domain``).
+
+    proposals: per image {"boxes": [P_i, 4] xyxy pixels, "ids": [P_i] int64 instance ids,
+    "classes": [P_i] int64 pseudo-classes (cluster ids, 0..K-1)}; num_samples is unused (every query
+    of every decoder layer is kept).
+
+    Pass 1 (``with_losses``): DETR's own set loss, with the proposals as the targets and their
+    cluster ids as the classes: Hungarian matching (class 1, L1 5, GIoU 2) at every decoder layer,
+    then cross-entropy, L1 and GIoU (``loss_ce``, ``loss_bbox``, ``loss_giou`` and the ``_i``
+    auxiliary terms). Pass 2: ``query_instance_ids``, a box-only matching at every layer, gives each
+    query its proposal's instance id or -1. Embeddings: the projector on all L x B x Q queries,
+    flattened layer-major like the ids.
+    """
+    hs = detector.decode(body_features["0"], image_sizes, padded_size)      # [L, B, Q, d]
+    boxes = detector.bbox_embed(hs).sigmoid()                              # [L, B, Q, 4] cxcywh / image size
+    if with_losses and not all("classes" in p for p in proposals):
+        raise ValueError("DETR's box-domain pre-training needs the proposals' pseudo-classes (\"classes\"): "
+                         "give TwoViewDataset the cache's ClusterIds")
+    # DETR's labels are 1..K; the momentum view (no losses) needs the normalised boxes only, its labels are unused.
+    targets = detector.normalise_targets(
+        [{"boxes": p["boxes"], "labels": p["classes"] + 1 if with_losses else torch.ones_like(p["ids"])}
+         for p in proposals], image_sizes)
+    losses = {}
+    if with_losses:
+        losses = detector.criterion(detector.layer_outputs(detector.class_embed(hs), boxes), targets)
+    matcher = detector.criterion.matcher
+    ids = query_instance_ids(boxes, [t["boxes"] for t in targets], [p["ids"] for p in proposals],
+                             HungarianMatcher(0.0, matcher.cost_bbox, matcher.cost_giou))
+    return {"embeddings": embedding_head(hs).flatten(0, 2), "ids": ids.flatten(), "losses": losses}
+
+
+@torch.no_grad()
+def query_instance_ids(boxes: Tensor, target_boxes, target_ids, matcher: HungarianMatcher) -> Tensor:
+    """Pass 2 of DETR's box-domain assignment: at every decoder layer, ``matcher`` (box-only: L1 + GIoU, no class
+    term; docs/method.md §7, item 17) pairs each image's queries one-to-one with its proposals.
+
+    boxes [L, B, Q, 4] normalised cxcywh; per image target_boxes [N_i, 4] normalised cxcywh and target_ids [N_i]
+    int64. Returns ids [L, B, Q] int64: the instance id of the proposal each query is matched to, or -1."""
+    ids = torch.full(boxes.shape[:3], -1, dtype=torch.int64, device=boxes.device)
+    for layer, layer_boxes in enumerate(boxes):
+        for image, (query, target) in enumerate(matcher(None, layer_boxes, None, target_boxes)):
+            ids[layer, image, query.to(ids.device)] = target_ids[image][target.to(target_ids[image].device)]
+    return ids
+
+
 # ---------------------------------------------------------------- registry
 
 class BoxDomainHook(NamedTuple):
@@ -224,12 +286,15 @@ class BoxDomainHook(NamedTuple):
             with_losses=True) -> dict;
     classifier_layers: name prefixes of the classifier the MLP replaces (frozen in
         pre-training, re-initialised at fine-tuning);
-    num_samples: the official number of predictions kept for the contrastive loss.
+    num_samples: the official number of predictions kept for the contrastive loss (0: all);
+    copied_params: name prefixes of the detector's parameters that the momentum detector
+        copies from the online one at every step instead of averaging (docs/method.md §3.2).
     """
     embedding_head: Callable
     forward: Callable
     classifier_layers: tuple
     num_samples: int
+    copied_params: tuple = ()
 
 
 DENSE_CLASSIFIER = ("head.classification_head.cls_logits.",)
@@ -239,10 +304,12 @@ HOOKS = {
     RetinaNet: BoxDomainHook(dense_embedding_head, dense_box_domain, DENSE_CLASSIFIER, 2048),  # per image
     FCOS: BoxDomainHook(dense_embedding_head, partial(dense_box_domain, per_image=False),  # per batch (official)
                         DENSE_CLASSIFIER, 2048),
+    # No classifier is replaced: the class head trains on the pseudo-classes. query_embed is copied (official).
+    DETR: BoxDomainHook(detr_embedding_head, detr_box_domain, (), 0, copied_params=("query_embed.",)),
 }
 
-# The build_detector names train_box.py offers: those whose class has a hook above (DETR's is not built yet).
-BOX_DOMAIN_DETECTORS = ("faster_rcnn", "retinanet", "fcos")
+# The build_detector names train_box.py offers: those whose class has a hook above.
+BOX_DOMAIN_DETECTORS = ("faster_rcnn", "retinanet", "fcos", "detr")
 
 
 def hook_for(detector: nn.Module) -> BoxDomainHook:

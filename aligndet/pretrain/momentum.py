@@ -9,7 +9,9 @@ from ``base`` (0.996) to 1 over the run (BYOL's schedule, used by AlignDet):
 
 MoCo v2 instead keeps ``m = base = 0.999`` constant (``schedule="constant"``)
 and lets its key encoder keep its own batch-norm statistics
-(``copy_buffers=False``; see ``moco.py`` for why).
+(``copy_buffers=False``; see ``moco.py`` for why). Parameters named in ``copy_params``
+are copied at every update instead of averaged (``m = 0`` for them): DETR's
+momentum detector takes the online ``query_embed`` as it is (docs/method.md §3.2).
 """
 import copy
 import math
@@ -43,45 +45,54 @@ class MomentumUpdater:
             "constant" (``base`` at every step; ``total_steps`` is unused).
         copy_buffers: copy ``online``'s buffers (batch-norm running statistics)
             into ``target`` at every update; False leaves ``target``'s own.
+        copy_params: name prefixes of parameters copied from ``online`` at every update
+            instead of averaged (DETR's ``query_embed.``).
     """
 
     SCHEDULES = ("cosine", "constant")
 
     def __init__(self, online: nn.Module, target: nn.Module, base=0.996, total_steps=1, skip=(),
-                 schedule="cosine", copy_buffers=True):
+                 schedule="cosine", copy_buffers=True, copy_params=()):
         if schedule not in self.SCHEDULES:
             raise ValueError(f"unknown momentum schedule {schedule!r}; choose one of {', '.join(self.SCHEDULES)}")
-        self.online, self.target, self.skip = online, target, tuple(skip)
+        self.online, self.target, self.skip, self.copy_params = online, target, tuple(skip), tuple(copy_params)
         self.base, self.total_steps = base, total_steps
         self.schedule, self.copy_buffers = schedule, copy_buffers
-        self._pairs()  # check the names now
+        _, copied, _ = self._pairs()  # check the names now
+        if self.copy_params and not copied[0]:
+            raise ValueError(f"no parameter of the online network starts with {', '.join(self.copy_params)}")
 
     def momentum(self, step):
         """EMA momentum at optimiser step ``step``."""
         return self.base if self.schedule == "constant" else momentum_at(step, self.total_steps, self.base)
 
     def _pairs(self):
-        """(online tensors, target tensors) for parameters, then for buffers. Looked
-        up on every call: ``module.to(device)`` replaces buffer tensors."""
-        pairs = []
+        """(online tensors, target tensors) for the averaged parameters, the copied parameters and
+        the buffers. Looked up on every call: ``module.to(device)`` replaces buffer tensors."""
+        averaged, copied, buffers = ([], []), ([], []), ([], [])
         for kind in ("named_parameters", "named_buffers"):
             ours = {n: t for n, t in getattr(self.online, kind)() if not n.startswith(self.skip)}
             theirs = dict(getattr(self.target, kind)())
             if ours.keys() != theirs.keys():
                 differ = sorted(set(ours) ^ set(theirs))
                 raise ValueError(f"online and momentum networks differ in {kind[6:]}, e.g. {differ[:3]}")
-            pairs.append(([ours[n] for n in ours], [theirs[n] for n in ours]))
-        return pairs
+            for n in ours:
+                group = buffers if kind == "named_buffers" else copied if n.startswith(self.copy_params) else averaged
+                group[0].append(ours[n])
+                group[1].append(theirs[n])
+        return averaged, copied, buffers
 
     @torch.no_grad()
     def update(self, step):
         """One EMA step at optimiser step ``step``; returns the momentum used."""
         m = self.momentum(step)
-        (online, target), (online_buffers, target_buffers) = self._pairs()
+        (online, target), copied, buffers = self._pairs()
         if target:
             torch._foreach_mul_(target, m)
             torch._foreach_add_(target, online, alpha=1.0 - m)
+        for o, t in zip(*copied):
+            t.copy_(o)
         if self.copy_buffers:
-            for t, o in zip(target_buffers, online_buffers):
+            for o, t in zip(*buffers):
                 t.copy_(o)
         return m
