@@ -117,6 +117,8 @@ def get_args_parser():
     m.add_argument("--dilation", action="store_true", default=None, help="DC5: layer4 dilated, stride 16 (detr; "
                    "resnet50 and deeper)")
     m.add_argument("--eos-coef", type=float, help="weight of the no-object class in the loss (detr)")
+    m.add_argument("--feature-stage", type=int, choices=[3, 4], help="ResNet stage the transformer reads: 4 = C5, "
+                   "3 = C4 (stride 16, for a ResNet-18/34 that cannot dilate) (detr)")
     m.add_argument("--init", nargs="+", default=[], metavar="WEIGHTS",
                    help="initialise from these, in order: a box-domain (train_box.py) or any detector checkpoint "
                         "(final output layers re-initialised), or backbone weights: train_image.py's checkpoint, "

@@ -20,7 +20,7 @@ MODEL_OPTIONS = ("backbone_weights", "norm", "trainable_layers", "fpn_channels",
                  "rpn_post_nms_top_n_train", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test",
                  "rpn_batch_size_per_image", "box_batch_size_per_image",
                  "num_queries", "enc_layers", "dec_layers", "hidden_dim", "nheads", "dim_feedforward", "dropout",
-                 "dilation", "eos_coef")
+                 "dilation", "eos_coef", "feature_stage")
 
 BACKBONES = {
     # Small and fast: the demo dataset on a laptop CPU, ResNet-18 at 128 px, trained from scratch.

@@ -528,3 +528,17 @@ def test_init_reads_the_reference_release_layout(tmp_path):
     report = load_pretrained(fresh, str(path), log=lambda *a: None)
     assert "class_embed.weight" in report["reinitialised"]
     assert torch.equal(fresh.bbox_embed.layers[2].weight, source.bbox_embed.layers[2].weight)
+
+
+def test_feature_stage_c4_reads_layer3_and_freezes_layer4():
+    model = build_detr(2, "resnet18", **TINY, feature_stage=3, trainable_layers=5)
+    assert model.backbone.out_channels == 256 and model.input_proj.in_channels == 256
+    x = torch.rand(1, 3, 64, 96)
+    assert model.backbone(x).shape[-2:] == (4, 6)  # stride 16
+    assert not any(p.requires_grad for p in model.backbone.body.layer4.parameters())
+    images, targets = _batch()
+    losses, _, _ = weighted_loss(model.train()(images, targets), model.weight_dict)
+    losses.backward()
+    assert model.backbone.body.layer3[0].conv1.weight.grad is not None
+    with pytest.raises(ValueError, match="feature_stage must be 3"):
+        build_detr(2, "resnet18", **TINY, feature_stage=2)
