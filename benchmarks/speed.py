@@ -1,6 +1,6 @@
 """Speed of our detectors (Faster R-CNN, RetinaNet, FCOS) against torchvision's, same
 weights, inputs and threads; and of a box-domain pre-training step against a
-supervised fine-tuning step.
+supervised fine-tuning step (those three and DETR).
 
     python benchmarks/speed.py                       # every detector, both settings below
     python benchmarks/speed.py --detector fcos --setting demo --repeats 20
@@ -21,8 +21,9 @@ Pre-training vs fine-tuning (--what pretrain): the same images; the
 fine-tuning step trains the detector on their boxes, the pre-training step
 runs AlignDet on two views (the image and its mirror) with the boxes plus
 random proposals (train_box.py's max proposals for demo; 300 for coco, 50
-for RetinaNet), frozen backbone, momentum detector, embedding MLP and EMA
-update included.
+for RetinaNet and DETR), frozen backbone, momentum detector, embedding MLP and EMA
+update included. DETR's proposals get random pseudo-classes among PSEUDO_CLASSES
+(what the cluster command gives them), and its online detector has that many classes.
 """
 import argparse
 import os
@@ -35,14 +36,14 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from aligndet.convert import to_torchvision  # noqa: E402
 from aligndet.engine import weighted_loss  # noqa: E402
-from aligndet.models import build_detector  # noqa: E402
-from aligndet.models import TORCHVISION_DETECTORS  # noqa: E402
+from aligndet.models import DETECTORS, TORCHVISION_DETECTORS, build_detector  # noqa: E402
 from aligndet.presets import box_defaults, model_defaults, model_options  # noqa: E402
 from aligndet.pretrain.box import AlignDet  # noqa: E402
 from aligndet.pretrain.hooks import hook_for  # noqa: E402
 
 SIZES = {"demo": dict(batch=8, image_size=(128, 128), num_classes=10),
          "coco": dict(batch=2, image_size=(800, 1067), num_classes=80)}
+PSEUDO_CLASSES = {"demo": 32, "coco": 256}  # DETR's clusters: the pipeline's k, and the paper's
 
 
 def setting_for(detector, setting):
@@ -152,9 +153,10 @@ def bench(detector, setting, repeats, warmup, device, amp):
     return results
 
 
-def make_views(images, targets, num_proposals, seed=0):
+def make_views(images, targets, num_proposals, seed=0, num_classes=0):
     """Two views of each image for box-domain pre-training: the image with its boxes
-    plus random proposals (ids 0..N-1, offset per image), and its mirror image."""
+    plus random proposals (ids 0..N-1, offset per image), and its mirror image; with
+    ``num_classes``, each proposal also gets a random pseudo-class (DETR)."""
     g = torch.Generator().manual_seed(seed)
     views1, views2, offset = [], [], 0
     for image, target in zip(images, targets):
@@ -167,6 +169,9 @@ def make_views(images, targets, num_proposals, seed=0):
         mirrored = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1)
         views1.append({"image": image, "boxes": boxes, "ids": ids})
         views2.append({"image": image.flip(-1), "boxes": mirrored, "ids": ids})
+        if num_classes:
+            classes = torch.randint(num_classes, (len(boxes),), generator=g).to(image.device)
+            views1[-1]["classes"] = views2[-1]["classes"] = classes
         offset += len(boxes)
     return views1, views2
 
@@ -176,7 +181,8 @@ def bench_pretrain(detector, setting, repeats, warmup, device, amp):
     cfg = setting_for(detector, setting)
     torch.manual_seed(0)
     supervised = build_detector(detector, cfg["num_classes"], backbone=cfg["backbone"], **cfg["options"])
-    online = build_detector(detector, 1, backbone=cfg["backbone"], **cfg["options"])
+    pseudo_classes = PSEUDO_CLASSES[setting] if detector == "detr" else 0
+    online = build_detector(detector, pseudo_classes or 1, backbone=cfg["backbone"], **cfg["options"])
     num_proposals = cfg["max_proposals"] or 300  # as many as selective search keeps on a COCO image, roughly
     num_samples = cfg["num_samples"] or hook_for(online).num_samples
     pretrain = AlignDet(online, num_samples=num_samples)
@@ -185,7 +191,7 @@ def bench_pretrain(detector, setting, repeats, warmup, device, amp):
     images, targets = make_inputs(cfg["batch"], cfg["image_size"], cfg["num_classes"])
     images = [im.to(device) for im in images]
     targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-    views1, views2 = make_views(images, targets, num_proposals)
+    views1, views2 = make_views(images, targets, num_proposals, num_classes=pseudo_classes)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
 
     def step(model, loss_fn):
@@ -212,7 +218,8 @@ def bench_pretrain(detector, setting, repeats, warmup, device, amp):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--detector", choices=["all", *TORCHVISION_DETECTORS], default="all")
+    p.add_argument("--detector", choices=["all", *DETECTORS], default="all",
+                   help="all: every detector (DETR has no torchvision twin, so --what pretrain only)")
     p.add_argument("--setting", choices=["all", *SIZES], default="all")
     p.add_argument("--what", choices=["all", "torchvision", "pretrain"], default="all",
                    help="ours vs torchvision, and/or the pre-training step vs the fine-tuning step")
@@ -226,9 +233,9 @@ def main():
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, amp {args.amp}")
-    for detector in (TORCHVISION_DETECTORS if args.detector == "all" else [args.detector]):
+    for detector in (DETECTORS if args.detector == "all" else [args.detector]):
         for setting in (SIZES if args.setting == "all" else [args.setting]):
-            if args.what in ("all", "torchvision"):
+            if args.what in ("all", "torchvision") and detector in TORCHVISION_DETECTORS:
                 bench(detector, setting, args.repeats, args.warmup, device, args.amp)
             if args.what in ("all", "pretrain"):
                 bench_pretrain(detector, setting, args.repeats, args.warmup, device, args.amp)
