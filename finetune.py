@@ -119,6 +119,9 @@ def get_args_parser():
     m.add_argument("--eos-coef", type=float, help="weight of the no-object class in the loss (detr)")
     m.add_argument("--feature-stage", type=int, choices=[3, 4], help="ResNet stage the transformer reads: 4 = C5, "
                    "3 = C4 (stride 16, for a ResNet-18/34 that cannot dilate) (detr)")
+    m.add_argument("--cache-backbone-features", action="store_true",
+                   help="with a frozen backbone (--trainable-layers 0 --norm frozen_bn), compute its features once "
+                   "per distinct input and reuse them (detr; small datasets: they stay in memory)")
     m.add_argument("--init", nargs="+", default=[], metavar="WEIGHTS",
                    help="initialise from these, in order: a box-domain (train_box.py) or any detector checkpoint "
                         "(final output layers re-initialised), or backbone weights: train_image.py's checkpoint, "
@@ -191,6 +194,10 @@ def build_model(args, num_classes, log, label_to_cat=None):
                                skip=args.init_skip, box_skip=args.box_init_skip or (),
                                category_ids=category_ids)["source"]
                for path in args.init]
+    if args.cache_backbone_features:
+        if not hasattr(model, "enable_feature_cache"):
+            raise ValueError(f"--cache-backbone-features is built for detr only, not {args.detector}")
+        model.enable_feature_cache()
     if args.init_skip and "detector" not in sources:
         raise CheckpointError("--init-skip needs a detector checkpoint in --init (train_box.py or finetune.py); "
                               f"got backbone weights only: {' '.join(args.init)}")
@@ -264,6 +271,9 @@ def main(args):
         log_file.write({"epoch": epoch, "epoch_time": round(time.time() - t0, 1),
                         **{f"train_{k}": v for k, v in means.items()}})
     log_file.close()
+    if getattr(model_without_ddp, "feature_cache_misses", None) is not None:
+        log(f"backbone feature cache: {model_without_ddp.feature_cache_hits} hits, "
+            f"{model_without_ddp.feature_cache_misses} misses")
     if metrics:
         log(f"final COCO AP on {args.val_json}: {metrics[-1]['AP']:.4f} (AP50 {metrics[-1]['AP50']:.4f})")
     dist_utils.cleanup()

@@ -542,3 +542,25 @@ def test_feature_stage_c4_reads_layer3_and_freezes_layer4():
     assert model.backbone.body.layer3[0].conv1.weight.grad is not None
     with pytest.raises(ValueError, match="feature_stage must be 3"):
         build_detr(2, "resnet18", **TINY, feature_stage=2)
+
+
+def test_feature_cache_gives_the_same_outputs_and_needs_a_frozen_backbone():
+    torch.manual_seed(0)
+    model = build_detr(2, "resnet18", **TINY, trainable_layers=0)  # frozen_bn, the builder's default
+    cached = build_detr(2, "resnet18", **TINY, trainable_layers=0)
+    cached.load_state_dict(model.state_dict())
+    cached.enable_feature_cache()
+    images, targets = _batch()
+    model.eval(), cached.eval()
+    with torch.no_grad():
+        for _ in range(2):  # a miss, then a hit: the same detections both times
+            for a, b in zip(model(images), cached(images)):
+                assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["scores"], b["scores"])
+    assert (cached.feature_cache_misses, cached.feature_cache_hits) == (2, 2)
+    losses = cached.train()(images, targets)  # training reads the cache too, and the transformer gets gradients
+    weighted_loss(losses, cached.weight_dict)[0].backward()
+    assert cached.input_proj.weight.grad is not None and cached.feature_cache_hits == 4
+    with pytest.raises(ValueError, match="frozen backbone"):
+        build_detr(2, "resnet18", **TINY, trainable_layers=1).enable_feature_cache()
+    with pytest.raises(ValueError, match="frozen backbone"):
+        build_detr(2, "resnet18", **TINY, trainable_layers=0, norm="bn").enable_feature_cache()

@@ -26,6 +26,8 @@ intermediate decoder layer adds the same losses, suffixed ``_0``, ``_1``, ...
 softmax probability, the box clipped to the image; no NMS (the one-to-one
 matching teaches the queries not to duplicate each other, §3.1).
 """
+import hashlib
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -184,11 +186,45 @@ class DETR(nn.Module):
             check_targets(targets, self.num_classes)
         original_sizes = [tuple(im.shape[-2:]) for im in images]
         batch, image_sizes, targets = self.transform(images, targets)
-        outputs = self.predict(self.backbone(batch), image_sizes, batch.shape[-2:])
+        outputs = self.predict(self.backbone_features(batch), image_sizes, batch.shape[-2:])
         if self.training:
             return self.criterion(outputs, self.normalise_targets(targets, image_sizes))
         detections = self.postprocess(outputs, image_sizes)
         return self.transform.postprocess(detections, image_sizes, original_sizes)
+
+    def enable_feature_cache(self, max_images: int = 50_000):
+        """Remember the backbone's output for every padded input it has seen, keyed by the input's bytes:
+        with a frozen backbone (no trainable parameter, frozen batch norm) the same input gives the same
+        features, so each training image costs one backbone pass per distinct augmentation instead of one
+        per step (the demo's many cheap DETR steps). At most ``max_images`` entries are kept; later inputs
+        are computed as usual. Raises ``ValueError`` for a backbone that trains or normalises by batch."""
+        trainable = [n for n, p in self.backbone.named_parameters() if p.requires_grad]
+        batch_norms = [n for n, m in self.backbone.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if trainable or batch_norms:
+            raise ValueError("the feature cache needs a frozen backbone: trainable_layers=0 and norm='frozen_bn' "
+                             f"(trainable: {trainable[:2]}, batch norm: {batch_norms[:2]})")
+        self._feature_cache, self._feature_cache_size = {}, max_images
+        self.feature_cache_hits = self.feature_cache_misses = 0
+
+    def backbone_features(self, batch: Tensor) -> Tensor:
+        """The backbone's C5 (or C4) of the padded ``batch``, from the feature cache where it is enabled."""
+        cache = getattr(self, "_feature_cache", None)
+        if cache is None:
+            return self.backbone(batch)
+        keys = [hashlib.blake2b(str(tuple(image.shape)).encode() + image.detach().cpu().numpy().tobytes(),
+                                digest_size=16).digest() for image in batch]
+        missing = [i for i, key in enumerate(keys) if key not in cache]
+        self.feature_cache_hits += len(keys) - len(missing)
+        self.feature_cache_misses += len(missing)
+        fresh = {}
+        if missing:
+            with torch.no_grad():
+                computed = self.backbone(batch[missing])
+            fresh = dict(zip(missing, computed))
+            for i in missing:
+                if len(cache) < self._feature_cache_size:
+                    cache[keys[i]] = fresh[i]
+        return torch.stack([fresh[i] if i in fresh else cache[key] for i, key in enumerate(keys)])
 
     def predict(self, features: Tensor, image_sizes, padded_size) -> dict:
         """features [B, C, h, w] (the backbone's C5 of the padded batch of size ``padded_size``)
