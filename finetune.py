@@ -51,6 +51,7 @@ Outputs in --output-dir: checkpoint.pth (latest, resumable),
 log.jsonl (one JSON object per logged step / epoch), metrics.json (all 12 COCO
 stats for every evaluation).
 """
+import argparse
 import json
 import os
 import sys
@@ -119,7 +120,7 @@ def get_args_parser():
     m.add_argument("--eos-coef", type=float, help="weight of the no-object class in the loss (detr)")
     m.add_argument("--feature-stage", type=int, choices=[3, 4], help="ResNet stage the transformer reads: 4 = C5, "
                    "3 = C4 (stride 16, for a ResNet-18/34 that cannot dilate) (detr)")
-    m.add_argument("--cache-backbone-features", action="store_true",
+    m.add_argument("--cache-backbone-features", action=argparse.BooleanOptionalAction, default=False,
                    help="with a frozen backbone (--trainable-layers 0 --norm frozen_bn), compute its features once "
                    "per distinct input and reuse them (detr; small datasets: they stay in memory)")
     m.add_argument("--init", nargs="+", default=[], metavar="WEIGHTS",
@@ -197,7 +198,10 @@ def build_model(args, num_classes, log, label_to_cat=None):
     if args.cache_backbone_features:
         if not hasattr(model, "enable_feature_cache"):
             raise ValueError(f"--cache-backbone-features is built for detr only, not {args.detector}")
-        model.enable_feature_cache()
+        try:
+            model.enable_feature_cache()
+        except ValueError as e:
+            raise ValueError(f"{e}; pass --no-cache-backbone-features to train the backbone") from None
     if args.init_skip and "detector" not in sources:
         raise CheckpointError("--init-skip needs a detector checkpoint in --init (train_box.py or finetune.py); "
                               f"got backbone weights only: {' '.join(args.init)}")

@@ -35,8 +35,8 @@ from aligndet.visualize import CURVE_COLOURS, ap_curves_figure
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Fine-tuning on few labels: 20 epochs over 10 % of the 2,000 scenes is ~500 iterations at batch 8.
 FINETUNE = dict(epochs=20, lr_steps=[15], eval_every=5)
-# DETR learns slowly: finetune.py's demo DETR schedule instead (50 epochs, step at 40).
-FINETUNE_PER_DETECTOR = {"detr": dict(epochs=50, lr_steps=[40], eval_every=10)}
+# DETR learns slowly: finetune.py's demo DETR schedule instead (40 epochs, step at 35).
+FINETUNE_PER_DETECTOR = {"detr": dict(epochs=40, lr_steps=[35], eval_every=10)}
 # The demo cache's pseudo-classes for DETR (the paper clusters COCO into 256; 2,000 scenes need fewer).
 DEMO_CACHE, DEMO_CLUSTERS = "data/demo/proposals/train", 32
 RUNS = {"a": "(a) stage 1 only", "b": "(b) stage 1 + box-domain (AlignDet)"}

@@ -477,21 +477,25 @@ def test_adamw_backbone_group_and_clipping():
     assert len(norms) == 2 and max(norms) <= 0.1 + 1e-6
 
 
+TRAINED_BACKBONE = ["--trainable-layers", "5", "--norm", "bn", "--feature-stage", "4", "--no-cache-backbone-features"]
+
+
 def test_finetune_detr_runs_and_round_trips_through_init(squares_coco, tmp_path):
-    """finetune.py --detector detr trains and evaluates; its checkpoint, given to --init with --keep-heads,
-    rebuilds the same DETR (the same detections)."""
+    """finetune.py --detector detr trains and evaluates, with the backbone trained at its own lr; its checkpoint,
+    given to --init with --keep-heads, rebuilds the same DETR (the same detections)."""
     import finetune
     from aligndet.checkpoint import load_checkpoint
 
     out = str(tmp_path / "detr")
     metrics = finetune.main(finetune.get_args_parser().parse_args(
-        _finetune_argv(squares_coco, out, "--epochs", "1", "--max-iters", "2", "--eval-every", "1")))
+        _finetune_argv(squares_coco, out, *TRAINED_BACKBONE, "--epochs", "1", "--max-iters", "2", "--eval-every",
+                       "1")))
     assert metrics[-1]["images"] == 12 and 0 <= metrics[-1]["AP"] <= 1
     checkpoint = load_checkpoint(os.path.join(out, "checkpoint.pth"))
     assert len(checkpoint["optimizer"]["param_groups"]) == 2  # the backbone's own lr
     args = finetune.get_args_parser().parse_args(
-        _finetune_argv(squares_coco, str(tmp_path / "again"), "--init", os.path.join(out, "checkpoint.pth"),
-                       "--keep-heads"))
+        _finetune_argv(squares_coco, str(tmp_path / "again"), *TRAINED_BACKBONE, "--init",
+                       os.path.join(out, "checkpoint.pth"), "--keep-heads"))
     rebuilt = finetune.build_model(args, 2, lambda *a: None)
     trained = build_detr(2, "resnet18", **{**TINY, "dec_layers": 1}, norm="bn", trainable_layers=5)
     trained.load_state_dict(checkpoint["model"])
@@ -499,6 +503,22 @@ def test_finetune_detr_runs_and_round_trips_through_init(squares_coco, tmp_path)
     with torch.no_grad():
         for a, b in zip(trained.eval()(images), rebuilt.eval()(images)):
             assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["scores"], b["scores"])
+
+
+def test_finetune_detr_demo_preset_caches_the_frozen_backbone(squares_coco, tmp_path, capsys):
+    """The demo preset: a frozen C4 backbone whose features are computed once per distinct input; asking it to
+    train the backbone with the cache on is refused with the flag that turns the cache off."""
+    import finetune
+
+    parse = finetune.get_args_parser().parse_args
+    demo = parse(["--detector", "detr"])
+    assert (demo.trainable_layers, demo.norm, demo.feature_stage, demo.cache_backbone_features) == \
+        (0, "frozen_bn", 3, True)
+    finetune.main(parse(_finetune_argv(squares_coco, str(tmp_path / "cached"), "--epochs", "2", "--max-iters", "3",
+                                       "--eval-every", "2")))
+    assert "backbone feature cache: " in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--no-cache-backbone-features"):
+        finetune.build_model(parse(_finetune_argv(squares_coco, "x", "--trainable-layers", "2")), 2, lambda *a: None)
 
 
 def test_init_reads_the_reference_release_layout(tmp_path):

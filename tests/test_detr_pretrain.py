@@ -3,7 +3,7 @@ copied query_embed, the pseudo-classes through the two views, the transfer to fi
 --detector detr in one process and under torchrun (gloo), into finetune.py --detector detr.
 
 A ResNet-18, hidden width 32, two decoder layers and four queries keep the unit tests fast; the script runs use
-the demo DETR (width 128, 20 queries) on 96 px squares with their ground-truth boxes as proposals.
+the demo DETR (width 64, 10 queries, frozen C4) on 96 px squares with their ground-truth boxes as proposals.
 """
 import itertools
 import json
@@ -237,16 +237,21 @@ def test_box_presets_give_the_detr_recipe():
         ("adamw", 5e-5, 1e-4, 0.1, 0, 50, [40], 50, "first", 0)
     demo = parse(["--detector", "detr"])
     assert (demo.optimizer, demo.clip_grad_norm, demo.select, demo.num_samples) == ("adamw", 0.1, "first", 0)
-    assert demo.max_proposals < 20  # the demo DETR's queries
+    from aligndet.presets import model_defaults
+    assert demo.max_proposals < model_defaults("detr", "demo")["num_queries"]  # a query for every proposal
     frcnn = parse([])
     assert (frcnn.optimizer, frcnn.clip_grad_norm, frcnn.select) == ("sgd", 0.0, "random")
 
 
-@pytest.mark.parametrize("max_proposals", ["20", "0"])
+@pytest.mark.parametrize("max_proposals", ["queries", "0"])
 def test_as_many_proposals_as_queries_are_refused_at_start_up(tmp_path, max_proposals):
+    from aligndet.presets import model_defaults
+
+    queries = model_defaults("detr", "demo")["num_queries"]
+    max_proposals = str(queries) if max_proposals == "queries" else max_proposals
     args = train_box.get_args_parser().parse_args(["--detector", "detr", "--max-proposals", max_proposals,
                                                    "--output-dir", str(tmp_path / "box")])
-    with pytest.raises(SystemExit, match="--max-proposals must be below DETR's 20 queries"):
+    with pytest.raises(SystemExit, match=f"--max-proposals must be below DETR's {queries} queries"):
         train_box.main(args)
     assert not (tmp_path / "box").exists()  # refused before anything was made
 
