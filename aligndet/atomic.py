@@ -2,7 +2,9 @@
 
 Checkpoints, proposal-cache shards and indexes, and the demo's parts all go
 through ``atomic_write``, which is what makes runs killed at any moment resumable.
+``file_sha256`` is the digest that checks (or records) what such a file holds.
 """
+import hashlib
 import os
 import tempfile
 
@@ -25,3 +27,12 @@ def atomic_write(path, write):
             os.unlink(tmp)
         raise
     return path
+
+
+def file_sha256(path, chunk=1 << 20):
+    """The SHA-256 hex digest of the file at ``path``, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,4 +1,4 @@
-"""Pseudo-classes of proposals (aligndet/data/clusters.py and the ``cluster`` subcommand)."""
+"""Pseudo-classes of proposals (aligndet/data/clusters.py, kmeans.py and the ``cluster`` subcommand)."""
 import json
 import os
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 import torchvision
 
-from aligndet.data.clusters import (ClusterIds, cluster_cache, cluster_dir, fit_pca, kmeans, assign, project,
-                                    size_histogram)
+from aligndet.data.clusters import ClusterIds, cluster_cache, cluster_dir, size_histogram
+from aligndet.data.kmeans import assign, fit_pca, kmeans, project
 from aligndet.data.images import list_images
 from aligndet.data.proposal_cache import ProposalCache, ProposalCacheError, import_coco_json, shard_name
 from aligndet.data.proposals import main

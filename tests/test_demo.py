@@ -108,7 +108,7 @@ def test_corrupt_cache_file_is_fetched_again(parts, tmp_path):
         (cache / name).write_bytes(open(path, "rb").read())
     (cache / "mnist_5k.csv.gz").write_bytes(b"not the digits")
     fixed = demo.fetch_parts(str(cache))
-    assert demo._sha256(fixed["mnist_5k.csv.gz"]) == demo.PARTS["mnist_5k.csv.gz"][2]
+    assert demo.file_sha256(fixed["mnist_5k.csv.gz"]) == demo.PARTS["mnist_5k.csv.gz"][2]
 
 
 def test_unreachable_index_gives_clear_error(tmp_path, monkeypatch):

@@ -11,8 +11,9 @@ This module is our version of it:
    ``--pool`` x ``--pool``, averaged to one vector and L2-normalised.
 2. **PCA.** Fitted (``torch.linalg.svd`` of the centred sample) on the boxes of a
    seeded random sample of images, at most ``--sample`` boxes; ``--dims`` (<= 256) components.
-3. **k-means.** k-means++ seeding and Lloyd iterations on the same sample, seeded.
-4. **Assignment.** A second pass over every image gives each box its nearest centre.
+3. **k-means.** k-means++ seeding and Lloyd iterations on the same sample, seeded (both in ``kmeans.py``).
+4. **Assignment.** A second pass over every image gives each box its nearest centre (the sampled
+   images' features are kept from the fit, the others computed).
 
 Storage, beside the cache (``<cache>/clusters/``)::
 
@@ -38,8 +39,9 @@ import torchvision
 from torchvision.ops import roi_align
 from tqdm import tqdm
 
-from aligndet.atomic import atomic_write
+from aligndet.atomic import atomic_write, file_sha256
 from aligndet.data.images import ImageReadError, read_rgb
+from aligndet.data.kmeans import assign, fit_pca, kmeans, project
 from aligndet.data.proposal_cache import ProposalCache, ProposalCacheError, num_shards, shard_name
 from aligndet.models.transform import IMAGENET_MEAN, IMAGENET_STD
 
@@ -51,14 +53,6 @@ LEVEL_STRIDES = {"C2": 4, "C3": 8, "C4": 16, "C5": 32}
 
 def cluster_dir(cache_dir):
     return os.path.join(cache_dir, FOLDER)
-
-
-def file_sha256(path, chunk=1 << 22):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---- features -------------------------------------------------------------------------------------------------
@@ -106,75 +100,6 @@ def box_features(body, image, boxes, level, pool, max_side=0):
     return F.normalize(pooled.mean(dim=(2, 3)), dim=1)
 
 
-# ---- PCA and k-means ------------------------------------------------------------------------------------------
-
-def fit_pca(x, dims):
-    """``(mean [C], components [C, d])`` of the rows of ``x`` ``[N, C]``, ``d = min(dims, C, N)``."""
-    mean = x.mean(dim=0)
-    _, _, vh = torch.linalg.svd(x - mean, full_matrices=False)
-    return mean, vh[:min(dims, vh.shape[0])].T.contiguous()
-
-
-def project(x, mean, components):
-    return (x - mean) @ components
-
-
-def _nearest(x, centres, chunk=65536):
-    """Index of the nearest centre of each row of ``x`` and the squared distance to it."""
-    ids, dists = [], []
-    c2 = (centres * centres).sum(dim=1)
-    for part in x.split(chunk):
-        d = (part * part).sum(dim=1, keepdim=True) - 2 * part @ centres.T + c2  # [n, k]
-        best = d.min(dim=1)
-        ids.append(best.indices)
-        dists.append(best.values.clamp_(min=0))
-    return torch.cat(ids), torch.cat(dists)
-
-
-def kmeans(x, k, iters=50, seed=0):
-    """k-means of the rows of ``x`` ``[N, d]``: k-means++ seeding (Arthur & Vassilvitskii, 2007), then Lloyd
-    iterations until no assignment changes or ``iters``. An emptied cluster moves to the point farthest from
-    its centre. Returns the centres ``[k, d]``; the same ``seed`` gives the same centres."""
-    n = len(x)
-    if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
-    if k > n:
-        raise ValueError(f"k = {k} clusters but only {n} boxes to fit them on; lower --k or raise --sample")
-    g = torch.Generator().manual_seed(seed)
-    x = x.double()  # exact enough that ties and the empty-cluster rule do not depend on the summation order
-    chosen = [int(torch.randint(n, (1,), generator=g))]
-    closest = ((x - x[chosen[0]]) ** 2).sum(dim=1)
-    for _ in range(1, k):
-        total = float(closest.sum())
-        if total <= 0:  # fewer distinct points than k: the rest start on duplicates
-            nxt = int(torch.randint(n, (1,), generator=g))
-        else:
-            nxt = int(torch.multinomial(closest / total, 1, generator=g))
-        chosen.append(nxt)
-        closest = torch.minimum(closest, ((x - x[nxt]) ** 2).sum(dim=1))
-    centres = x[chosen].clone()
-    ids = None
-    for _ in range(iters):
-        new_ids, dists = _nearest(x, centres)
-        if ids is not None and torch.equal(new_ids, ids):
-            break
-        ids = new_ids
-        counts = torch.bincount(ids, minlength=k)
-        sums = torch.zeros_like(centres).index_add_(0, ids, x)
-        filled = counts > 0
-        centres[filled] = sums[filled] / counts[filled, None].to(x.dtype)
-        for j in torch.nonzero(~filled).flatten().tolist():
-            far = int(dists.argmax())
-            centres[j] = x[far]
-            dists[far] = -1
-    return centres.float()
-
-
-def assign(x, centres):
-    """The nearest centre's index of each row of ``x``."""
-    return _nearest(x, centres)[0]
-
-
 # ---- the cluster folder ---------------------------------------------------------------------------------------
 
 def _cache_fingerprint(cache):
@@ -216,9 +141,10 @@ def open_cluster_folder(cache, cache_dir, settings, overwrite=False):
 
 
 def _fit(cache, records, body, settings, log):
-    """PCA and k-means on the boxes of a seeded random sample of images."""
+    """PCA and k-means on the boxes of a seeded random sample of images. Returns them and the sampled
+    images' features ``{key: [N, C]}``, which the assignment pass reuses instead of computing them again."""
     g = np.random.default_rng(settings["seed"])
-    feats, total, skipped = [], 0, 0
+    feats, total = {}, 0
     for i in g.permutation(len(cache.keys)):
         key = cache.keys[i]
         boxes = cache.get(key)
@@ -226,22 +152,20 @@ def _fit(cache, records, body, settings, log):
             continue
         try:
             image = read_rgb(records[key])
-        except ImageReadError as e:
-            skipped += 1
-            log(f"skipped {key}: {e}")
+        except ImageReadError:  # named and counted by the assignment pass
             continue
-        feats.append(box_features(body, image, boxes, settings["level"], settings["pool"], settings["max_side"]))
+        feats[key] = box_features(body, image, boxes, settings["level"], settings["pool"], settings["max_side"])
         total += len(boxes)
         if total >= settings["sample"]:
             break
     if not feats:
         raise ValueError("no boxes to cluster: every image of the cache failed or has no proposal")
-    x = torch.cat(feats)[:settings["sample"]]
+    x = torch.cat(list(feats.values()))[:settings["sample"]]
     log(f"fitting PCA ({x.shape[1]} -> {min(settings['dims'], *x.shape)} dims) and k-means (k = {settings['k']}) "
         f"on {len(x)} boxes of {len(feats)} images")
     mean, components = fit_pca(x, settings["dims"])
     centres = kmeans(project(x, mean, components), settings["k"], settings["iters"], settings["seed"])
-    return mean, components, centres
+    return mean, components, centres, feats
 
 
 def cluster_cache(cache_dir, records, init, k, level="C4", pool=7, dims=256, sample=200_000, seed=0, iters=50,
@@ -263,11 +187,12 @@ def cluster_cache(cache_dir, records, init, k, level="C4", pool=7, dims=256, sam
     folder = cluster_dir(cache_dir)
     body = load_feature_body(init, level)
     model_path = os.path.join(folder, "model.npz")
+    sampled = {}  # features already computed for the fit
     if os.path.isfile(model_path):
         model = np.load(model_path)
         mean, components, centres = (torch.from_numpy(model[n]) for n in ("mean", "components", "centres"))
     else:
-        mean, components, centres = _fit(cache, records, body, settings, log)
+        mean, components, centres, sampled = _fit(cache, records, body, settings, log)
         atomic_write(model_path, lambda f: np.savez(f, mean=mean.numpy(), components=components.numpy(),
                                                     centres=centres.numpy()))
     shards = num_shards(len(cache.keys), cache.shard_size)
@@ -281,7 +206,9 @@ def cluster_cache(cache_dir, records, init, k, level="C4", pool=7, dims=256, sam
             n = 0 if boxes is None else len(boxes)
             if n:
                 try:
-                    feats = box_features(body, read_rgb(records[key]), boxes, level, pool, max_side)
+                    feats = sampled.pop(key, None)
+                    if feats is None:
+                        feats = box_features(body, read_rgb(records[key]), boxes, level, pool, max_side)
                     ids.append(assign(project(feats, mean, components), centres).numpy().astype(np.int32))
                 except ImageReadError as e:  # the box keeps no class: DETR pre-training skips the image
                     skipped += 1
@@ -383,3 +310,51 @@ def cluster_picture(cache_dir, records, out, clusters=8, per_cluster=8, tile=48,
             picture.paste(crop.resize((tile, tile)), (label + col * (tile + 2), r * (tile + 2)))
     atomic_write(out, lambda f: picture.save(f, format="PNG"))
     return out
+
+
+# ---- the command line: python -m aligndet.data.proposals cluster ----------------------------------------------
+
+def add_cluster_parser(sub, formatter_class):
+    """The ``cluster`` subcommand of ``python -m aligndet.data.proposals`` (``sub``: its subparsers)."""
+    c = sub.add_parser("cluster", help="pseudo-classes for DETR: k-means of the proposals' stage-1 features",
+                       formatter_class=formatter_class, description="Gives every box of a cache a cluster id "
+                       "(aligndet/data/clusters.py): RoI-aligned features of the frozen stage-1 ResNet, PCA, "
+                       "k-means++ fitted on a sample, then every box to its nearest centre. Stored in "
+                       "<cache>/clusters/; a killed run resumes, other settings are refused unless --overwrite.")
+    c.add_argument("--cache", default="data/demo/proposals/train", help="proposal cache folder")
+    c.add_argument("--images", help="the folder the cache's keys are relative to (default: the demo's scenes "
+                   "for the demo caches)")
+    c.add_argument("--json", help="COCO json whose file_names are relative to --images (optional)")
+    c.add_argument("--init", required=True, help="stage-1 checkpoint (train_image.py, or any ResNet checkpoint "
+                   "--init of train_box.py reads)")
+    c.add_argument("--k", type=int, default=32, help="clusters (the paper: 256 for COCO)")
+    c.add_argument("--level", choices=["C2", "C3", "C4", "C5"], default="C4",
+                   help="ResNet stage whose map is RoI-aligned (C4 suits the 128 px demo scenes)")
+    c.add_argument("--pool", type=int, default=7, help="RoI-align output side, averaged to one vector")
+    c.add_argument("--dims", type=int, default=256, help="PCA components kept (at most 256)")
+    c.add_argument("--sample", type=int, default=200_000, help="boxes the PCA and k-means are fitted on")
+    c.add_argument("--iters", type=int, default=50, help="k-means iterations at most")
+    c.add_argument("--max-side", type=int, default=0, help="downscale images whose longer side exceeds this "
+                   "(0: native size)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--picture", help="PNG of crops per cluster (default: <cache>/clusters/clusters.png)")
+    c.add_argument("--overwrite", action="store_true", help="replace clusters made with other settings")
+
+
+def run_cluster(args):
+    """The ``cluster`` subcommand: cluster the cache, print the size histogram, draw the crops."""
+    from aligndet.data.images import list_images
+    from aligndet.data.proposals import DEMO_SPLITS
+
+    if args.images is None:
+        demo = {os.path.normpath(out): images for images, _, out in DEMO_SPLITS.values()}
+        if os.path.normpath(args.cache) not in demo:
+            raise ValueError("--images is required for a cache outside the demo dataset")
+        args.images = demo[os.path.normpath(args.cache)]
+    records = {r.key: r.path for r in list_images(args.images, args.json)}
+    sizes = cluster_cache(args.cache, records, args.init, args.k, args.level, args.pool, args.dims, args.sample,
+                          args.seed, args.iters, args.max_side, args.overwrite)
+    print("\n".join(size_histogram(sizes)))
+    picture = cluster_picture(args.cache, records, args.picture or os.path.join(cluster_dir(args.cache),
+                                                                                "clusters.png"))
+    print(f"cluster ids in {cluster_dir(args.cache)}; crops of the largest clusters: {picture}")

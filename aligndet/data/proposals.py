@@ -278,6 +278,7 @@ def filter_defaults(preset, images):
 def get_args_parser():
     # The command line's parser is imported here, so the search above copies out with its siblings only.
     from aligndet.cli import HelpFormatter, PresetParser
+    from aligndet.data.clusters import add_cluster_parser
 
     p = argparse.ArgumentParser("python -m aligndet.data.proposals", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -314,48 +315,8 @@ def get_args_parser():
     i.add_argument("--overwrite", action="store_true")
     n = sub.add_parser("info", help="print a cache's settings and counts")
     n.add_argument("--cache", required=True)
-    c = sub.add_parser("cluster", help="pseudo-classes for DETR: k-means of the proposals' stage-1 features",
-                       formatter_class=HelpFormatter, description="Gives every box of a cache a cluster id "
-                       "(aligndet/data/clusters.py): RoI-aligned features of the frozen stage-1 ResNet, PCA, "
-                       "k-means++ fitted on a sample, then every box to its nearest centre. Stored in "
-                       "<cache>/clusters/; a killed run resumes, other settings are refused unless --overwrite.")
-    c.add_argument("--cache", default="data/demo/proposals/train", help="proposal cache folder")
-    c.add_argument("--images", help="the folder the cache's keys are relative to (default: the demo's scenes "
-                   "for the demo caches)")
-    c.add_argument("--json", help="COCO json whose file_names are relative to --images (optional)")
-    c.add_argument("--init", required=True, help="stage-1 checkpoint (train_image.py, or any ResNet checkpoint "
-                   "--init of train_box.py reads)")
-    c.add_argument("--k", type=int, default=32, help="clusters (the paper: 256 for COCO)")
-    c.add_argument("--level", choices=["C2", "C3", "C4", "C5"], default="C4",
-                   help="ResNet stage whose map is RoI-aligned (C4 suits the 128 px demo scenes)")
-    c.add_argument("--pool", type=int, default=7, help="RoI-align output side, averaged to one vector")
-    c.add_argument("--dims", type=int, default=256, help="PCA components kept (at most 256)")
-    c.add_argument("--sample", type=int, default=200_000, help="boxes the PCA and k-means are fitted on")
-    c.add_argument("--iters", type=int, default=50, help="k-means iterations at most")
-    c.add_argument("--max-side", type=int, default=0, help="downscale images whose longer side exceeds this "
-                   "(0: native size)")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--picture", help="PNG of crops per cluster (default: <cache>/clusters/clusters.png)")
-    c.add_argument("--overwrite", action="store_true", help="replace clusters made with other settings")
+    add_cluster_parser(sub, HelpFormatter)
     return p
-
-
-def run_cluster(args):
-    """The ``cluster`` subcommand."""
-    from aligndet.data.clusters import cluster_cache, cluster_dir, cluster_picture, size_histogram
-
-    if args.images is None:
-        demo = {os.path.normpath(out): images for images, _, out in DEMO_SPLITS.values()}
-        if os.path.normpath(args.cache) not in demo:
-            raise ValueError("--images is required for a cache outside the demo dataset")
-        args.images = demo[os.path.normpath(args.cache)]
-    records = {r.key: r.path for r in list_images(args.images, args.json)}
-    sizes = cluster_cache(args.cache, records, args.init, args.k, args.level, args.pool, args.dims, args.sample,
-                          args.seed, args.iters, args.max_side, args.overwrite)
-    print("\n".join(size_histogram(sizes)))
-    picture = cluster_picture(args.cache, records, args.picture or os.path.join(cluster_dir(args.cache),
-                                                                                "clusters.png"))
-    print(f"cluster ids in {cluster_dir(args.cache)}; crops of the largest clusters: {picture}")
 
 
 def resolve_build_args(args):
@@ -392,6 +353,7 @@ def main(argv=None):
             cache = import_coco_json(args.json, args.out, args.shard_size, args.overwrite)
             print(f"imported {cache.stats()['boxes']} proposals of {len(cache)} images into {args.out}")
         elif args.command == "cluster":
+            from aligndet.data.clusters import run_cluster
             run_cluster(args)
         elif args.command == "info":
             cache = ProposalCache(args.cache)
