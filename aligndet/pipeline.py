@@ -35,8 +35,8 @@ from aligndet.visualize import CURVE_COLOURS, ap_curves_figure
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Fine-tuning on few labels: 20 epochs over 10 % of the 2,000 scenes is ~500 iterations at batch 8.
 FINETUNE = dict(epochs=20, lr_steps=[15], eval_every=5)
-# DETR learns slowly: finetune.py's demo DETR schedule instead (40 epochs, step at 35).
-FINETUNE_PER_DETECTOR = {"detr": dict(epochs=40, lr_steps=[35], eval_every=10)}
+# DETR learns slowly: it keeps finetune.py's own demo schedule (aligndet/presets.py) instead.
+OWN_SCHEDULE = ("detr",)
 # The demo cache's pseudo-classes for DETR (the paper clusters COCO into 256; 2,000 scenes need fewer).
 DEMO_CACHE, DEMO_CLUSTERS = "data/demo/proposals/train", 32
 RUNS = {"a": "(a) stage 1 only", "b": "(b) stage 1 + box-domain (AlignDet)"}
@@ -52,7 +52,11 @@ def finetune_command(detector, init, out, fraction, seed, epochs, lr_steps, eval
 def stage_commands(out, fraction, seed, detector="faster_rcnn"):
     """``[(stage name, description, argv)]`` in order."""
     image, box = os.path.join(out, "image"), os.path.join(out, "box")
-    schedule = {**FINETUNE, **FINETUNE_PER_DETECTOR.get(detector, {})}
+    schedule = FINETUNE
+    if detector in OWN_SCHEDULE:
+        from aligndet.presets import finetune_defaults  # the models (torch) load only for this detector
+
+        schedule = {key: finetune_defaults("demo", detector)[key] for key in FINETUNE}
 
     def finetune(init, name):
         return finetune_command(detector, init, os.path.join(out, name), fraction, seed, **schedule)
