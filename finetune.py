@@ -59,7 +59,8 @@ import time
 
 from aligndet import distributed as dist_utils
 from aligndet.checkpoint import CheckpointError, RunCheckpoint, load_pretrained
-from aligndet.cli import add_run_arguments, add_step_schedule_arguments, runbook_parser
+from aligndet.cli import (WORKERS_HELP, add_run_arguments, add_step_schedule_arguments, runbook_parser,
+                          workers_count)
 from aligndet.data.coco import CocoDetection, collate_fn
 from aligndet.data.demo import DemoDataError, ensure_demo
 from aligndet.data.splits import label_fraction_split
@@ -81,7 +82,7 @@ def get_args_parser():
     d.add_argument("--label-fraction", type=float, default=1.0,
                    help="fine-tune on this fraction of the training images (0 < f <= 1), see aligndet/data/splits.py")
     d.add_argument("--fold", type=int, default=0, help="which random subset for --label-fraction (seed)")
-    d.add_argument("--workers", type=int, default=2, help="data-loading processes per training process")
+    d.add_argument("--workers", type=workers_count, default="auto", help=WORKERS_HELP)
 
     m = p.add_argument_group("model (defaults: --preset's for --detector; None = the detector has no such option)")
     m.add_argument("--preset", choices=PRESET_NAMES, default="demo", help="model, schedule and image-size preset")

@@ -66,7 +66,8 @@ import time
 
 from aligndet import distributed as dist_utils
 from aligndet.checkpoint import CheckpointError, RunCheckpoint, load_pretrained
-from aligndet.cli import add_run_arguments, add_step_schedule_arguments, runbook_parser
+from aligndet.cli import (WORKERS_HELP, add_run_arguments, add_step_schedule_arguments, runbook_parser,
+                          workers_count)
 from aligndet.data.clusters import ClusterIds, cluster_dir
 from aligndet.data.demo import DemoDataError, ensure_demo
 from aligndet.data.images import list_images
@@ -97,7 +98,7 @@ def get_args_parser():
     d.add_argument("--views", choices=sorted(BOX_VIEWS), help="view sizes: short sides and long-side cap")
     d.add_argument("--crop", action="store_true", help="add a random crop to the views (ablation)")
     d.add_argument("--demo-root", default="data/demo", help="where the demo dataset lives / is built")
-    d.add_argument("--workers", type=int, default=2, help="data-loading processes per training process")
+    d.add_argument("--workers", type=workers_count, default="auto", help=WORKERS_HELP)
 
     m = p.add_argument_group("model (the architecture is finetune.py's for the same --preset and --detector)")
     m.add_argument("--preset", choices=PRESET_NAMES, default="demo", help="architecture and schedule")

@@ -56,7 +56,7 @@ import torchvision
 
 from aligndet import distributed as dist_utils
 from aligndet.checkpoint import CheckpointError, RunCheckpoint
-from aligndet.cli import add_run_arguments, runbook_parser
+from aligndet.cli import WORKERS_HELP, add_run_arguments, runbook_parser, workers_count
 from aligndet.data.demo import DemoDataError, ensure_demo
 from aligndet.data.image_folder import ImageFolder, collate_skipping
 from aligndet.data.transforms import (TwoCrops, build_moco_v2_transform, classification_eval_transforms,
@@ -106,7 +106,7 @@ def get_args_parser():
     d.add_argument("--knn-train", help="labelled folder whose features form the k-NN bank for mocov2 "
                    "(default: --train when it has class folders)")
     d.add_argument("--demo-root", default="data/demo", help="where the demo dataset lives / is built")
-    d.add_argument("--workers", type=int, default=2, help="data-loading processes per training process")
+    d.add_argument("--workers", type=workers_count, default="auto", help=WORKERS_HELP)
 
     m = p.add_argument_group("method and model (defaults: --preset's for --method)")
     m.add_argument("--method", choices=["supervised", "mocov2"], default="supervised",

@@ -63,6 +63,24 @@ class PresetParser(argparse.ArgumentParser):
         return defaults
 
 
+# --workers of the three scripts; engine.start_run resolves "auto" (engine.default_workers).
+WORKERS_HELP = ("data-loading processes per training process; auto: 2 with a GPU, 0 on a CPU, where torch's "
+                "threads already use every core and loading in the training process was faster")
+
+
+def workers_count(value: str):
+    """``--workers``: "auto" or a count >= 0."""
+    if value == "auto":
+        return value
+    try:
+        count = int(value)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"expected auto or a number of processes >= 0, got {value!r}")
+    return count
+
+
 def add_run_arguments(parser, output_dir):
     """The "run" options every script shares (``engine.start_run`` reads them); returns the
     group so a script can add its own (evaluation, ...)."""

@@ -20,11 +20,23 @@ def start_run(args):
     device, rank = info["device"], info["rank"]
     log = print if is_main_process() else (lambda *a, **k: None)
     torch.manual_seed(args.seed + rank)
+    if getattr(args, "workers", 0) == "auto":
+        args.workers = default_workers(device)
     os.makedirs(args.output_dir, exist_ok=True)
     if args.amp != "none" and device.type != "cuda":
         log(f"--amp {args.amp} needs CUDA; running in float32 on {device}")
         args.amp = "none"
     return device, rank, info["world_size"], log
+
+
+def default_workers(device: torch.device) -> int:
+    """Data-loading processes for ``--workers auto``: 2 feed a GPU; on a CPU none, since
+    the training process's torch threads already take every core and worker processes beside them
+    slowed the demo's steps by 10-30 % (benchmarks/RESULTS.md, "make demo"). Stage 2's views are
+    the same either way (seeded per image and epoch); the flips and crops of fine-tuning and
+    stage 1 draw from the loading process's random stream, so they differ between the two
+    settings, reproducibly for each."""
+    return 2 if device.type == "cuda" else 0
 
 
 class NonFiniteLossError(RuntimeError):

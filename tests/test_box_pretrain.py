@@ -361,3 +361,27 @@ def test_batch_norm_recalibration_uses_the_views_and_keeps_weights():
                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
     after = body.state_dict()
     assert all(torch.equal(after[k], v) for k, v in weights.items())
+
+
+def test_frozen_body_runs_channels_last_with_ordinary_outputs_and_checkpoint():
+    """The frozen body is kept channels-last (faster without gradient on a CPU): its features
+    equal those of the same weights in the default layout, and the checkpoint loads into an
+    ordinary detector, whose own backbone gives the same features."""
+    model = small_aligndet()
+    model.train()
+    convs = [p for p in model.body.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    views1 = squares_views()[0]
+    batch = model.online.transform([v["image"] for v in views1], resize=False)[0]
+    plain = small_detector(seed=5)
+    plain.load_state_dict(model.detector_state_dict())
+    plain.eval()
+    assert all(p.is_contiguous() for p in plain.backbone.body.parameters())
+    with torch.no_grad():
+        ours = model.body(batch.contiguous(memory_format=torch.channels_last))
+        theirs = plain.backbone.body(batch)
+    assert list(ours) == list(theirs)
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], atol=1e-5, rtol=1e-4)
+    out, _ = box_step(model, squares_views(), CPU)
+    assert math.isfinite(loss_sum(out).item())

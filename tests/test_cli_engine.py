@@ -148,3 +148,22 @@ class _NaN(nn.Module):
     def forward(self, x, y):
         out = self.model(x, y)
         return {**out, "loss_mse": out["loss_mse"] * float("nan")}
+
+
+def test_workers_auto_means_none_on_a_cpu_and_counts_are_checked(tmp_path):
+    from aligndet.cli import workers_count
+    from aligndet.engine import default_workers, start_run
+
+    assert workers_count("auto") == "auto" and workers_count("0") == 0 and workers_count("3") == 3
+    for bad in ("-1", "two", "1.5"):
+        with pytest.raises(argparse.ArgumentTypeError, match="auto or a number"):
+            workers_count(bad)
+    assert default_workers(torch.device("cpu")) == 0 and default_workers(torch.device("cuda")) == 2
+    args = finetune.get_args_parser().parse_args(["--output-dir", str(tmp_path), "--device", "cpu"])
+    assert args.workers == "auto"
+    start_run(args)
+    assert args.workers == 0
+    args = train_box.get_args_parser().parse_args(["--output-dir", str(tmp_path), "--device", "cpu",
+                                                   "--workers", "2"])
+    start_run(args)
+    assert args.workers == 2

@@ -48,6 +48,10 @@ class AlignDet(nn.Module):
         self.online = detector
         self.online_embed = self.hook.embedding_head(detector, embed_dim, **(head_options or {}))
         self.body.requires_grad_(False)
+        # The frozen backbone only ever runs forward without gradient: channels-last (NHWC) convolutions and
+        # pooling are faster there on a CPU (benchmarks/RESULTS.md, "make demo"); the values are the same up to
+        # float rounding, and the checkpoint's tensors load into a model of either memory format.
+        self.body.to(memory_format=torch.channels_last)
         for name, param in detector.named_parameters():
             if name.startswith(self.hook.classifier_layers):
                 param.requires_grad_(False)  # replaced by the embedding MLP
@@ -79,7 +83,7 @@ class AlignDet(nn.Module):
         proposals = [{k: v[k] for k in ("boxes", "ids", "classes") if k in v} for v in views]
         batch, image_sizes, proposals = detector.transform(images, proposals, resize=False)
         with torch.no_grad():
-            body_features = self.body(batch)
+            body_features = self.body(batch.contiguous(memory_format=torch.channels_last))
         return self.hook.forward(detector, body_features, image_sizes, batch.shape[-2:], proposals, embed,
                                  self.num_samples, with_losses=with_losses)
 
@@ -121,7 +125,8 @@ class AlignDet(nn.Module):
         for batch in batches:
             for views in batch[:2]:
                 images = [v["image"].to(device) for v in views]
-                self.body(self.online.transform(images, resize=False)[0])
+                batch = self.online.transform(images, resize=False)[0]
+                self.body(batch.contiguous(memory_format=torch.channels_last))
             used += 1
             if used == num_batches:
                 break
