@@ -15,6 +15,12 @@ Stages, each a plain script run as a subprocess (their own output shows):
 4. ``finetune.py`` with 10 % of the labels from (a) stage 1 alone and
    (b) stage 1 + stage 2, same seed and schedule.
 
+The two fine-tuning runs do not depend on each other and run side by side, each
+on half of the cores with its output in ``<out>/ft_a.log`` and ``ft_b.log``
+(``--no-side-by-side``: one after the other, on every core): two processes on one
+core each finish sooner than one after the other on two, since a small model's
+steps do not use two cores fully (benchmarks/RESULTS.md, "make demo").
+
 Then prints one table (AP, AP50, minutes per stage) and writes the AP curves
 to ``<out>/curves.png``. Finished stages are recorded in ``<out>/stages.json``
 with their commands and skipped when the command runs again; an interrupted
@@ -102,18 +108,79 @@ class Stages:
         """{name: seconds} of every finished stage."""
         return {name: r["seconds"] for name, r in self.records.items()}
 
+    @property
+    def wall_seconds(self):
+        """Wall-clock seconds of the finished stages: those run side by side count once, as their longest."""
+        groups = {}
+        for name, r in self.records.items():
+            key = r.get("group") or name
+            groups[key] = max(groups.get(key, 0.0), r["seconds"])
+        return sum(groups.values())
+
+    def _check_command(self, name, argv):
+        """True if ``name`` is done with this command; stops the program if it was done with another."""
+        if name not in self.records:
+            return False
+        record = self.records[name]
+        if record.get("argv", argv) != argv:
+            sys.exit(f"pipeline: {name} in {self.path} was run as\n  {' '.join(record['argv'])}\nnot as\n  "
+                     f"{' '.join(argv)}\nso its results belong to another command: use another output folder, "
+                     f"or delete the stage's folder and its entry in {self.path}")
+        return True
+
+    def _record(self, name, seconds, argv, group=None):
+        # Another runner may share this folder (two ablations at once): merge with what it recorded meanwhile.
+        record = {"seconds": seconds, "argv": argv, **({"group": group} if group else {})}
+        self.records = {**self._read(), **self.records, name: record}
+        atomic_write(self.path, lambda f: f.write(json.dumps(self.records, indent=1).encode()))
+
+    def run_side_by_side(self, stages, threads, log_dir):
+        """Runs the unfinished ``[(name, description, argv)]`` at once, each with ``threads`` torch
+        threads and its output in ``<log_dir>/<name>.log``; waits for all of them and stops the
+        program if one failed (the others' results are recorded). Returns {name: seconds}."""
+        todo = []
+        for name, description, argv in stages:
+            argv = [str(a) for a in argv]
+            if self._check_command(name, argv):
+                print(f"== {description}: done in an earlier run ({self.records[name]['seconds'] / 60:.1f} min)",
+                      flush=True)
+            else:
+                todo.append((name, description, argv))
+        if len(todo) < 2:
+            return {name: self.run(name, description, argv) for name, description, argv in todo}
+        group = "+".join(name for name, _, _ in todo)
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        running = []
+        for name, description, argv in todo:
+            log_path = os.path.join(log_dir, f"{name}.log")
+            print(f"== {description}\n   {os.path.basename(sys.executable)} {' '.join(argv)}\n   side by side, "
+                  f"{threads} thread(s); output in {log_path}", flush=True)
+            log = open(log_path, "w")
+            running.append((name, argv, log_path, log, time.time(),
+                            subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, stdout=log,
+                                             stderr=subprocess.STDOUT)))
+        failed, seconds = [], {}
+        for name, argv, log_path, log, start, process in running:
+            code = process.wait()
+            log.close()
+            if code != 0:
+                failed.append(f"{name} failed (exit {code}); see {log_path}")
+                continue
+            seconds[name] = round(time.time() - start, 1)
+            self._record(name, seconds[name], argv, group)
+            print(f"== {name} finished in {seconds[name] / 60:.1f} min", flush=True)
+        if failed:
+            sys.exit(f"pipeline: {'; '.join(failed)}; run the same command again to resume")
+        return seconds
+
     def run(self, name, description, argv, log_path=None):
         """Runs ``python argv`` from the repository root (output to ``log_path`` if given,
         else shown) unless ``name`` is done; stops the program if it fails. Returns its seconds."""
         argv = [str(a) for a in argv]
-        if name in self.records:
-            record = self.records[name]
-            if record.get("argv", argv) != argv:
-                sys.exit(f"pipeline: {name} in {self.path} was run as\n  {' '.join(record['argv'])}\nnot as\n  "
-                         f"{' '.join(argv)}\nso its results belong to another command: use another output folder, "
-                         f"or delete the stage's folder and its entry in {self.path}")
-            print(f"== {description}: done in an earlier run ({record['seconds'] / 60:.1f} min)", flush=True)
-            return record["seconds"]
+        if self._check_command(name, argv):
+            seconds = self.records[name]["seconds"]
+            print(f"== {description}: done in an earlier run ({seconds / 60:.1f} min)", flush=True)
+            return seconds
         print(f"== {description}\n   {os.path.basename(sys.executable)} {' '.join(argv)}", flush=True)
         start = time.time()
         if log_path is None:
@@ -125,17 +192,26 @@ class Stages:
             where = f"; see {log_path}" if log_path else ""
             sys.exit(f"pipeline: {name} failed (exit {code}){where}; run the same command again to resume it")
         seconds = round(time.time() - start, 1)
-        # Another runner may share this folder (two ablations at once): merge with what it recorded meanwhile.
-        self.records = {**self._read(), **self.records, name: {"seconds": seconds, "argv": argv}}
-        atomic_write(self.path, lambda f: f.write(json.dumps(self.records, indent=1).encode()))
+        self._record(name, seconds, argv)
         return seconds
 
 
-def run_stages(out, fraction, seed, detector="faster_rcnn"):
-    """Runs every stage not yet recorded as finished; returns ``{stage: seconds}``."""
+def cores():
+    """The CPU cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def run_stages(out, fraction, seed, detector="faster_rcnn", side_by_side=True):
+    """Runs every stage not yet recorded as finished, the fine-tuning runs side by side on a
+    machine of two cores or more (``side_by_side``); returns ``{stage: seconds}``."""
     stages = Stages(out)
-    for name, description, argv in stage_commands(out, fraction, seed, detector):
-        stages.run(name, description, argv)
+    commands = stage_commands(out, fraction, seed, detector)
+    together = [c for c in commands if c[0].startswith("finetune_")] if side_by_side and cores() >= 2 else []
+    for name, description, argv in commands:
+        if name not in (c[0] for c in together):
+            stages.run(name, description, argv)
+    if together:
+        stages.run_side_by_side(together, max(1, cores() // len(together)), out)
     return stages.done
 
 
@@ -143,8 +219,9 @@ DETECTOR_NAMES = {"faster_rcnn": "Faster R-CNN R18-FPN", "retinanet": "RetinaNet
                   "detr": "DETR R18"}
 
 
-def report(out, seconds, fraction, detector="faster_rcnn"):
-    """The table (printed and returned as text) and the curves PNG."""
+def report(out, seconds, fraction, detector="faster_rcnn", total_seconds=None):
+    """The table (printed and returned as text) and the curves PNG; ``total_seconds``: the
+    wall-clock time of all stages (default: the sum of ``seconds``)."""
     image_metrics = json.load(open(os.path.join(out, "image", "metrics.json")))
     results = {k: json.load(open(os.path.join(out, f"ft_{k}", "metrics.json"))) for k in RUNS}
     minutes = {k: v / 60 for k, v in seconds.items()}
@@ -163,7 +240,9 @@ def report(out, seconds, fraction, detector="faster_rcnn"):
         f"stage 1 val top-1 {image_metrics[-1]['top1']:.3f}; minutes: stage 1 {minutes['stage1']:.1f}, "
         f"proposals {minutes['proposals']:.1f}, {f'clusters {clusters:.1f}, ' if 'clusters' in minutes else ''}"
         f"stage 2 {minutes['stage2']:.1f}, fine-tuning "
-        f"{minutes['finetune_a']:.1f} + {minutes['finetune_b']:.1f}; total {sum(minutes.values()):.1f}",
+        f"{minutes['finetune_a']:.1f} + {minutes['finetune_b']:.1f}"
+        f"{' (side by side)' if total_seconds is not None and total_seconds < sum(seconds.values()) else ''}; "
+        f"total {(sum(seconds.values()) if total_seconds is None else total_seconds) / 60:.1f}",
     ]
     panels = {f"{fraction:.0%} labels: AP vs fine-tuning epoch":
               {RUNS[k]: [(m["epoch"], m["AP"]) for m in v] for k, v in results.items()}}
@@ -183,10 +262,12 @@ def main(argv=None):
     p.add_argument("--label-fraction", type=float, default=0.1, help="labelled share of the scenes for fine-tuning")
     p.add_argument("--detector", choices=sorted(DETECTOR_NAMES), default="faster_rcnn")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--side-by-side", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the two fine-tuning runs at once, each on half of the cores (default: on)")
     args = p.parse_args(argv)
     args.out = os.path.abspath(args.out)  # the stages run from the repository root
-    seconds = run_stages(args.out, args.label_fraction, args.seed, args.detector)
-    report(args.out, seconds, args.label_fraction, args.detector)
+    seconds = run_stages(args.out, args.label_fraction, args.seed, args.detector, args.side_by_side)
+    report(args.out, seconds, args.label_fraction, args.detector, total_seconds=Stages(args.out).wall_seconds)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,39 @@ from PIL import Image
 from aligndet import pipeline
 
 
+class FakeProcess:
+    """``subprocess.Popen`` for the side-by-side fine-tuning runs: records its argv (without the
+    interpreter) and environment when started, and the order of starts and waits, in ``events``."""
+
+    def __init__(self, events, codes):
+        self.events, self.codes = events, codes
+
+    def __call__(self, argv, cwd, env, stdout, stderr):
+        self.argv, self.env, self.stdout = argv[1:], env, stdout
+        self.events.append(("start", self))
+        return self
+
+    def wait(self):
+        self.events.append(("wait", self))
+        return self.codes.get(self.argv[self.argv.index("--output-dir") + 1].rsplit(os.sep, 1)[-1], 0)
+
+
+def fake_runs(monkeypatch, calls, codes=None):
+    """Every stage's argv in ``calls`` in the order started, whether run alone or side by side;
+    returns the side-by-side events. ``codes``: exit code per fine-tuning folder name (ft_a ...)."""
+    events = []
+    monkeypatch.setattr(pipeline.subprocess, "call", lambda argv, cwd: calls.append(argv[1:]) or 0)
+
+    def popen(argv, **kwargs):
+        calls.append(argv[1:])
+        return FakeProcess(events, codes or {})(argv, **kwargs)
+    monkeypatch.setattr(pipeline.subprocess, "Popen", popen)
+    return events
+
+
 def test_stages_run_in_order_and_finished_ones_are_skipped(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(pipeline.subprocess, "call", lambda argv, cwd: calls.append(argv[1:]) or 0)
+    fake_runs(monkeypatch, calls)
     out = str(tmp_path / "demo")
     seconds = pipeline.run_stages(out, 0.1, seed=0)
     assert list(seconds) == ["stage1", "proposals", "stage2", "finetune_a", "finetune_b"]
@@ -32,7 +62,7 @@ def test_stages_run_in_order_and_finished_ones_are_skipped(tmp_path, monkeypatch
 
 def test_detector_reaches_stage2_and_both_finetunes(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(pipeline.subprocess, "call", lambda argv, cwd: calls.append(argv[1:]) or 0)
+    fake_runs(monkeypatch, calls)
     pipeline.run_stages(str(tmp_path / "demo"), 0.1, seed=0, detector="fcos")
     assert [c[c.index("--detector") + 1] for c in calls if "--detector" in c] == ["fcos"] * 3
     assert "--detector" not in calls[0]  # stage 1 trains a backbone only
@@ -47,6 +77,41 @@ def test_a_failed_stage_stops_with_its_name_and_is_not_recorded(tmp_path, monkey
     assert list(json.load(open(os.path.join(out, "stages.json")))) == ["stage1", "proposals"]
 
 
+def test_finetuning_runs_side_by_side_on_half_the_cores_each(tmp_path, monkeypatch):
+    calls = []
+    events = fake_runs(monkeypatch, calls)
+    monkeypatch.setattr(pipeline, "cores", lambda: 4)
+    out = str(tmp_path / "demo")
+    pipeline.run_stages(out, 0.1, seed=0)
+    assert [kind for kind, _ in events] == ["start", "start", "wait", "wait"]  # both started before either ends
+    (_, a), (_, b) = events[:2]
+    assert [a.argv[a.argv.index("--output-dir") + 1], b.argv[b.argv.index("--output-dir") + 1]] == \
+        [os.path.join(out, "ft_a"), os.path.join(out, "ft_b")]
+    assert a.env["OMP_NUM_THREADS"] == b.env["OMP_NUM_THREADS"] == "2"
+    assert [a.stdout.name, b.stdout.name] == [os.path.join(out, "finetune_a.log"), os.path.join(out, "finetune_b.log")]
+    records = json.load(open(os.path.join(out, "stages.json")))
+    assert records["finetune_a"]["group"] == records["finetune_b"]["group"] == "finetune_a+finetune_b"
+    stages = pipeline.Stages(out)
+    longest = max(records["finetune_a"]["seconds"], records["finetune_b"]["seconds"])
+    assert stages.wall_seconds == pytest.approx(sum(stages.done.values()) - min(
+        records["finetune_a"]["seconds"], records["finetune_b"]["seconds"]))
+    assert longest <= stages.wall_seconds
+
+    calls.clear()
+    pipeline.run_stages(str(tmp_path / "serial"), 0.1, seed=0, side_by_side=False)
+    assert len(events) == 4 and [c[0] for c in calls][-2:] == ["finetune.py", "finetune.py"]  # no new process
+    assert "group" not in json.load(open(tmp_path / "serial" / "stages.json"))["finetune_a"]
+
+
+def test_a_failed_side_by_side_run_stops_after_the_other_is_recorded(tmp_path, monkeypatch):
+    fake_runs(monkeypatch, [], codes={"ft_a": 2})
+    out = str(tmp_path / "demo")
+    with pytest.raises(SystemExit, match=r"finetune_a failed \(exit 2\); see .*finetune_a\.log"):
+        pipeline.run_stages(out, 0.1, seed=0)
+    assert "finetune_b" in json.load(open(os.path.join(out, "stages.json")))
+    assert "finetune_a" not in json.load(open(os.path.join(out, "stages.json")))
+
+
 def test_report_prints_the_table_and_draws_the_curves(tmp_path):
     out = tmp_path / "demo"
     for name, metrics in {"image": [{"epoch": 8, "top1": 0.84}],
@@ -58,8 +123,11 @@ def test_report_prints_the_table_and_draws_the_curves(tmp_path):
     text = pipeline.report(str(out), seconds, 0.1)
     assert "| (a) stage 1 only | 0.350 | 0.600 | 2.0 | 3.0 |" in text
     assert "| (b) stage 1 + box-domain (AlignDet) | 0.380 | 0.650 | 11.0 | 3.0 |" in text
-    assert "top-1 0.840" in text and "total 17.0" in text
+    assert "top-1 0.840" in text and "total 17.0" in text and "side by side" not in text
     assert open(out / "results.md").read().strip() == text
+    # The fine-tuning runs side by side: the total is the wall-clock time, 3 minutes less.
+    assert "fine-tuning 3.0 + 3.0 (side by side); total 14.0" in pipeline.report(str(out), seconds, 0.1,
+                                                                                  total_seconds=840)
     image = Image.open(out / "curves.png")
     assert image.size == (900, 520)
     # Both runs are drawn in their own colour.
