@@ -30,6 +30,7 @@ from aligndet.models import build_detr
 from aligndet.pretrain.box import AlignDet
 from aligndet.pretrain.hooks import detr_box_domain, detr_embedding_head
 from aligndet.pretrain.momentum import MomentumUpdater, make_momentum_copy
+from conftest import fake_runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(min_size=64, max_size=96, num_queries=4, enc_layers=1, dec_layers=2, hidden_dim=32, nheads=4,
@@ -340,7 +341,7 @@ def test_pipeline_clusters_the_proposals_before_detr_stage2(tmp_path, monkeypatc
     from aligndet import pipeline
 
     calls = []
-    monkeypatch.setattr(pipeline.subprocess, "call", lambda argv, cwd: calls.append(argv[1:]) or 0)
+    fake_runs(monkeypatch, calls)
     out = str(tmp_path / "demo")
     seconds = pipeline.run_stages(out, 0.1, seed=0, detector="detr")
     assert list(seconds) == ["stage1", "proposals", "clusters", "stage2", "finetune_a", "finetune_b"]

@@ -7,36 +7,7 @@ import pytest
 from PIL import Image
 
 from aligndet import pipeline
-
-
-class FakeProcess:
-    """``subprocess.Popen`` for the side-by-side fine-tuning runs: records its argv (without the
-    interpreter) and environment when started, and the order of starts and waits, in ``events``."""
-
-    def __init__(self, events, codes):
-        self.events, self.codes = events, codes
-
-    def __call__(self, argv, cwd, env, stdout, stderr):
-        self.argv, self.env, self.stdout = argv[1:], env, stdout
-        self.events.append(("start", self))
-        return self
-
-    def wait(self):
-        self.events.append(("wait", self))
-        return self.codes.get(self.argv[self.argv.index("--output-dir") + 1].rsplit(os.sep, 1)[-1], 0)
-
-
-def fake_runs(monkeypatch, calls, codes=None):
-    """Every stage's argv in ``calls`` in the order started, whether run alone or side by side;
-    returns the side-by-side events. ``codes``: exit code per fine-tuning folder name (ft_a ...)."""
-    events = []
-    monkeypatch.setattr(pipeline.subprocess, "call", lambda argv, cwd: calls.append(argv[1:]) or 0)
-
-    def popen(argv, **kwargs):
-        calls.append(argv[1:])
-        return FakeProcess(events, codes or {})(argv, **kwargs)
-    monkeypatch.setattr(pipeline.subprocess, "Popen", popen)
-    return events
+from conftest import fake_runs
 
 
 def test_stages_run_in_order_and_finished_ones_are_skipped(tmp_path, monkeypatch):
