@@ -1,6 +1,6 @@
 """The whole AlignDet story on the demo dataset, in three scripts (what ``make demo`` runs).
 
-    python -m aligndet.pipeline                  # about 20 min on 2 CPU cores
+    python -m aligndet.pipeline                  # 20-30 min on 2 CPU cores
     python -m aligndet.pipeline --out outputs/demo --label-fraction 0.1
     python -m aligndet.pipeline --detector fcos --out outputs/demo_fcos   # or retinanet
     python -m aligndet.pipeline --detector detr --out outputs/demo_detr
