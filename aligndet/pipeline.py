@@ -16,7 +16,7 @@ Stages, each a plain script run as a subprocess (their own output shows):
    (b) stage 1 + stage 2, same seed and schedule.
 
 The two fine-tuning runs do not depend on each other and run side by side, each
-on half of the cores with its output in ``<out>/ft_a.log`` and ``ft_b.log``
+on half of the cores with its output in ``<out>/finetune_a.log`` and ``finetune_b.log``
 (``--no-side-by-side``: one after the other, on every core): two processes on one
 core each finish sooner than one after the other on two, since a small model's
 steps do not use two cores fully (benchmarks/RESULTS.md, "make demo").
@@ -117,8 +117,9 @@ class Stages:
             groups[key] = max(groups.get(key, 0.0), r["seconds"])
         return sum(groups.values())
 
-    def _check_command(self, name, argv):
-        """True if ``name`` is done with this command; stops the program if it was done with another."""
+    def _finished(self, name, description, argv):
+        """True (and says so) if ``name`` is done with this command; stops the program if it was done
+        with another."""
         if name not in self.records:
             return False
         record = self.records[name]
@@ -126,6 +127,7 @@ class Stages:
             sys.exit(f"pipeline: {name} in {self.path} was run as\n  {' '.join(record['argv'])}\nnot as\n  "
                      f"{' '.join(argv)}\nso its results belong to another command: use another output folder, "
                      f"or delete the stage's folder and its entry in {self.path}")
+        print(f"== {description}: done in an earlier run ({record['seconds'] / 60:.1f} min)", flush=True)
         return True
 
     def _record(self, name, seconds, argv, group=None):
@@ -138,14 +140,8 @@ class Stages:
         """Runs the unfinished ``[(name, description, argv)]`` at once, each with ``threads`` torch
         threads and its output in ``<log_dir>/<name>.log``; waits for all of them and stops the
         program if one failed (the others' results are recorded). Returns {name: seconds}."""
-        todo = []
-        for name, description, argv in stages:
-            argv = [str(a) for a in argv]
-            if self._check_command(name, argv):
-                print(f"== {description}: done in an earlier run ({self.records[name]['seconds'] / 60:.1f} min)",
-                      flush=True)
-            else:
-                todo.append((name, description, argv))
+        stages = [(name, description, [str(a) for a in argv]) for name, description, argv in stages]
+        todo = [stage for stage in stages if not self._finished(*stage)]
         if len(todo) < 2:
             return {name: self.run(name, description, argv) for name, description, argv in todo}
         group = "+".join(name for name, _, _ in todo)
@@ -177,10 +173,8 @@ class Stages:
         """Runs ``python argv`` from the repository root (output to ``log_path`` if given,
         else shown) unless ``name`` is done; stops the program if it fails. Returns its seconds."""
         argv = [str(a) for a in argv]
-        if self._check_command(name, argv):
-            seconds = self.records[name]["seconds"]
-            print(f"== {description}: done in an earlier run ({seconds / 60:.1f} min)", flush=True)
-            return seconds
+        if self._finished(name, description, argv):
+            return self.records[name]["seconds"]
         print(f"== {description}\n   {os.path.basename(sys.executable)} {' '.join(argv)}", flush=True)
         start = time.time()
         if log_path is None:
@@ -205,13 +199,13 @@ def run_stages(out, fraction, seed, detector="faster_rcnn", side_by_side=True):
     """Runs every stage not yet recorded as finished, the fine-tuning runs side by side on a
     machine of two cores or more (``side_by_side``); returns ``{stage: seconds}``."""
     stages = Stages(out)
-    commands = stage_commands(out, fraction, seed, detector)
-    together = [c for c in commands if c[0].startswith("finetune_")] if side_by_side and cores() >= 2 else []
-    for name, description, argv in commands:
-        if name not in (c[0] for c in together):
-            stages.run(name, description, argv)
+    commands, available = stage_commands(out, fraction, seed, detector), cores()
+    together = [c for c in commands if c[0].startswith("finetune_")] if side_by_side and available >= 2 else []
+    for stage in commands:
+        if stage not in together:
+            stages.run(*stage)
     if together:
-        stages.run_side_by_side(together, max(1, cores() // len(together)), out)
+        stages.run_side_by_side(together, max(1, available // len(together)), out)
     return stages.done
 
 

@@ -77,13 +77,17 @@ class AlignDet(nn.Module):
         self.body.eval()  # frozen: fixed batch-norm statistics (stage 1's, or recalibrate_batch_norm's)
         return self
 
+    def _body_features(self, batch):
+        """The frozen backbone on a padded batch, in its channels-last layout (see ``__init__``)."""
+        return self.body(batch.contiguous(memory_format=torch.channels_last))
+
     def _branch(self, detector, embed, views, with_losses):
         images = [v["image"] for v in views]
         # "classes": the proposals' pseudo-classes, which DETR's views carry (docs/method.md §3.9).
         proposals = [{k: v[k] for k in ("boxes", "ids", "classes") if k in v} for v in views]
         batch, image_sizes, proposals = detector.transform(images, proposals, resize=False)
         with torch.no_grad():
-            body_features = self.body(batch.contiguous(memory_format=torch.channels_last))
+            body_features = self._body_features(batch)
         return self.hook.forward(detector, body_features, image_sizes, batch.shape[-2:], proposals, embed,
                                  self.num_samples, with_losses=with_losses)
 
@@ -125,8 +129,7 @@ class AlignDet(nn.Module):
         for batch in batches:
             for views in batch[:2]:
                 images = [v["image"].to(device) for v in views]
-                batch = self.online.transform(images, resize=False)[0]
-                self.body(batch.contiguous(memory_format=torch.channels_last))
+                self._body_features(self.online.transform(images, resize=False)[0])
             used += 1
             if used == num_batches:
                 break
