@@ -262,7 +262,7 @@ def main(args):
         checkpoint.save(epoch + 1)
         log_file.write({"epoch": epoch, "epoch_time": round(time.time() - t0, 1),
                         **{f"train_{k}": v for k, v in means.items()}})
-        log(json.dumps({"epoch": epoch, **{k: round(v, 4) for k, v in means.items()}}))
+        log(json.dumps({"epoch": epoch, **{k: float(f"{v:.5g}") for k, v in means.items()}}))
     log_file.close()
     path = os.path.join(args.output_dir, "checkpoint.pth")
     log(f"online detector saved in {path}; fine-tune it with python finetune.py"

@@ -93,6 +93,22 @@ def test_object_centric_folders(tiny_build):
         assert cv2.imread(files[0]).shape == (64, 64, 3)
 
 
+def test_object_layers_rebuild_the_stored_object_images(tiny_build, parts):
+    out, manifest = tiny_build
+    digits, labels = demo.load_digits(parts["mnist_5k.csv.gz"])
+    backgrounds = demo.load_backgrounds(parts)
+    pool = manifest["digits"]["train"]
+    for j in range(3):  # the build's stream for training object image j
+        index = pool[j % len(pool)]
+        background, alpha, colour = demo.object_layers(np.random.default_rng([0, 2, 0, j]), backgrounds,
+                                                       digits[index])
+        path = os.path.join(out, "objects", "train", demo.CLASS_NAMES[labels[index]], f"{j:06d}.png")
+        assert np.array_equal(demo.compose(background, alpha, colour), cv2.imread(path)[..., ::-1])
+        assert alpha.shape == (64, 64) and alpha.max() <= 1 and alpha.sum() > 0
+        assert np.array_equal(demo.compose(background, np.zeros_like(alpha), colour),
+                              np.clip(background + 0.5, 0, 255).astype(np.uint8))
+
+
 def test_rebuild_skipped_when_manifest_matches(tiny_build, capsys):
     out, manifest = tiny_build
     before = os.path.getmtime(os.path.join(out, "manifest.json"))

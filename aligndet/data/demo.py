@@ -228,13 +228,27 @@ def make_scene(rng, backgrounds, digits, labels, pool, max_iou=0.2, min_digits=2
     return np.clip(canvas + 0.5, 0, 255).astype(np.uint8), objects
 
 
-def make_object(rng, backgrounds, digit):
-    """One object-centric image: a digit of 28-56 px on a 64x64 background crop."""
+def object_layers(rng, backgrounds, digit):
+    """The parts of one object-centric image: a 64x64 background crop (float [64, 64, 3]),
+    the digit's alpha mask of 28-56 px placed in it ([64, 64] in [0, 1]) and its colour."""
     canvas = _crop(rng, backgrounds[int(rng.integers(len(backgrounds)))], OBJECT_SIZE).astype(np.float32)
     size = int(rng.integers(28, 57))
     x, y = (int(v) for v in rng.integers(0, OBJECT_SIZE - size + 1, 2))
-    _paste(canvas, _resize_digit(digit, size), x, y, _colour(rng))
+    alpha = np.zeros((OBJECT_SIZE, OBJECT_SIZE), np.float32)
+    alpha[y:y + size, x:x + size] = _resize_digit(digit, size)
+    return canvas, alpha, _colour(rng)
+
+
+def compose(background, alpha, colour):
+    """RGB uint8: the colour blended through ``alpha`` onto ``background`` (the layers of ``object_layers``)."""
+    canvas = background.copy()
+    _paste(canvas, alpha, 0, 0, colour)
     return np.clip(canvas + 0.5, 0, 255).astype(np.uint8)
+
+
+def make_object(rng, backgrounds, digit):
+    """One object-centric image: a digit of 28-56 px on a 64x64 background crop."""
+    return compose(*object_layers(rng, backgrounds, digit))
 
 
 def _save_png(path, rgb):

@@ -1,0 +1,164 @@
+"""Can MoCo v2 learn the demo's digits when nothing but the digit identifies an image?
+
+The demo's object images paste a coloured MNIST digit onto a 64-px crop of a background photo
+(``aligndet/data/demo.py``). Both MoCo views of an image are crops of the same picture, so the
+background patch and the digit's colour tell instances apart without any digit shape. This
+rebuilds the demo's 4,000 training object images from their layers (background, digit mask,
+colour: the same images as ``data/demo/objects/train``) and, for each view independently,
+can paste the digit onto a fresh crop of a random background photo (``--swap``) and give it a
+fresh colour (``--recolour``), before MoCo v2's usual augmentation. With both at 1, only the
+digit's shape (and the crop's scale and position) is shared by the two views.
+
+It trains ``aligndet.pretrain.moco.MoCo`` with ``train_image.py``'s demo MoCo v2 preset (ResNet-18,
+batch 64, SGD lr 0.24 per 256, one warm-up epoch then cosine over ``--total-epochs``, queue
+1,024, m 0.99, T 0.2) and prints, every epoch, the loss, the instance top-1 and the k-NN top-1
+on the digit classes of the 1,000 val object images (bank: the training images as stored).
+``--in-batch-negatives`` adds the current batch's other keys to the queue's negatives: then a
+positive cannot win only by being the one key in its logits made by this step's key encoder.
+
+    python benchmarks/moco_probe.py --swap 1 --recolour 1 --epochs 5 --total-epochs 30
+"""
+import argparse
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from aligndet.data import demo  # noqa: E402
+from aligndet.data.transforms import build_moco_v2_transform, classification_eval_transforms  # noqa: E402
+from aligndet.pretrain.knn import extract_features, knn_top1  # noqa: E402
+from aligndet.pretrain.moco import MoCo  # noqa: E402
+
+
+def demo_object_layers(parts, split, count, seed=0):
+    """[(background, alpha, colour, digit class)] of the demo's object images of ``split``, drawn
+    with the demo build's own random streams (``build_demo``)."""
+    digits, labels = demo.load_digits(parts["mnist_5k.csv.gz"])
+    backgrounds = demo.load_backgrounds(parts)
+    split_id = ("train", "val").index(split)
+    pool = demo.split_digits(labels, seed)[split_id]
+    layers = []
+    for j in range(count):
+        rng = np.random.default_rng([seed, 2, split_id, j])
+        index = int(pool[j % len(pool)])
+        layers.append((*demo.object_layers(rng, backgrounds, digits[index]), int(labels[index])))
+    return layers, backgrounds
+
+
+class SwappedViews(torch.utils.data.Dataset):
+    """Two MoCo views per object image, each with its own background (``swap``) and colour (``recolour``)."""
+
+    def __init__(self, layers, backgrounds, view, swap, recolour, seed=1):
+        self.layers, self.backgrounds, self.view = layers, backgrounds, view
+        self.swap, self.recolour = swap, recolour
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self):
+        return len(self.layers)
+
+    def _one(self, index):
+        background, alpha, colour, _ = self.layers[index]
+        if self.rng.random() < self.swap:
+            photo = self.backgrounds[int(self.rng.integers(len(self.backgrounds)))]
+            background = demo._crop(self.rng, photo, demo.OBJECT_SIZE).astype(np.float32)
+        if self.rng.random() < self.recolour:
+            colour = demo._colour(self.rng)
+        return self.view(Image.fromarray(demo.compose(background, alpha, colour)))
+
+    def __getitem__(self, index):
+        return self._one(index), self._one(index)
+
+
+class InBatchMoCo(MoCo):
+    """MoCo whose logits also hold the current batch's other keys as negatives."""
+
+    def forward(self, im_q, im_k):
+        self._awaiting_momentum_update = True
+        q = self.encode_queries(im_q)
+        k, all_k = self.encode_keys(im_k)
+        in_batch = (q @ k.T).masked_fill(torch.eye(len(q), dtype=torch.bool, device=q.device), float("-inf"))
+        logits = torch.cat([(q * k).sum(1, keepdim=True), q @ self.queue.clone(), in_batch], 1) / self.temperature
+        self._dequeue_and_enqueue(all_k)
+        return {"loss_contrastive": F.cross_entropy(logits, logits.new_zeros(len(q), dtype=torch.long)),
+                "acc_top1": (logits.argmax(1) == 0).float().mean()}
+
+
+def stored_set(layers, transform, batch=256):
+    """[(images, digit classes)] batches of the images as the demo stores them."""
+    images = torch.stack([transform(Image.fromarray(demo.compose(*layer[:3]))) for layer in layers])
+    labels = torch.tensor([layer[3] for layer in layers])
+    return [(images[i:i + batch], labels[i:i + batch]) for i in range(0, len(images), batch)]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--swap", type=float, default=1.0, help="probability that a view gets a new background")
+    p.add_argument("--recolour", type=float, default=0.0, help="probability that a view's digit gets a new colour")
+    p.add_argument("--in-batch-negatives", action="store_true", help="the batch's other keys are negatives too")
+    p.add_argument("--shuffle-splits", type=int, default=8, help="shuffle-BN groups (the demo preset's 8)")
+    p.add_argument("--epochs", type=int, default=3, help="epochs to run")
+    p.add_argument("--total-epochs", type=int, default=10, help="length of the cosine schedule")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    parts = demo.fetch_parts()
+    train, backgrounds = demo_object_layers(parts, "train", 4000)
+    val, _ = demo_object_layers(parts, "val", 1000)
+    view = build_moco_v2_transform(64, (0.2, 1.0), blur_sigma=(0.1, 2.0), jitter_strength=0.5, grayscale=0.2)
+    evaluation = classification_eval_transforms(64, 64)
+    bank, val_set = stored_set(train, evaluation), stored_set(val, evaluation)
+
+    resnet = torchvision.models.resnet18(weights=None)
+    resnet.fc = torch.nn.Identity()
+    model = (InBatchMoCo if args.in_batch_negatives else MoCo)(
+        resnet, 512, queue_size=1024, momentum=0.99, temperature=0.2, shuffle_splits=args.shuffle_splits)
+    params = [q for q in model.parameters() if q.requires_grad]
+    base_lr = 0.24 * 64 / 256
+    optimizer = torch.optim.SGD([{"params": [q for q in params if q.ndim > 1], "weight_decay": 5e-4},
+                                 {"params": [q for q in params if q.ndim <= 1], "weight_decay": 0.0}],
+                                lr=base_lr, momentum=0.9)
+    loader = torch.utils.data.DataLoader(SwappedViews(train, backgrounds, view, args.swap, args.recolour),
+                                         batch_size=64, shuffle=True, drop_last=True)
+    per_epoch, step = len(loader), 0
+    chance = math.log(1025 + (63 if args.in_batch_negatives else 0))  # ln(number of logits)
+    total = args.total_epochs * per_epoch
+
+    def knn():
+        bank_features, bank_labels = extract_features(model.backbone_q, bank, "cpu")
+        val_features, val_labels = extract_features(model.backbone_q, val_set, "cpu")
+        return knn_top1(bank_features, bank_labels, val_features, val_labels, k=20)
+
+    print(f"epoch 0: k-NN top-1 {knn():.3f} (chance 0.100)", flush=True)
+    for epoch in range(1, args.epochs + 1):
+        t0, losses, accuracies = time.time(), [], []
+        for im_q, im_k in loader:
+            warm = step < per_epoch
+            lr = base_lr * step / per_epoch if warm else \
+                0.5 * base_lr * (1 + math.cos(math.pi * (step - per_epoch) / (total - per_epoch)))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            out = model(im_q, im_k)
+            optimizer.zero_grad()
+            out["loss_contrastive"].backward()
+            optimizer.step()
+            model.after_step(step)
+            step += 1
+            losses.append(out["loss_contrastive"].item())
+            accuracies.append(out["acc_top1"].item())
+        print(f"epoch {epoch}: loss {np.mean(losses):.3f} (chance {chance:.2f}), instance top-1 "
+              f"{np.mean(accuracies):.3f}, k-NN top-1 {knn():.3f}, {time.time() - t0:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
