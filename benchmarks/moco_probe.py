@@ -23,6 +23,7 @@ import math
 import os
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -35,7 +36,9 @@ sys.path.insert(0, ROOT)
 from aligndet.data import demo  # noqa: E402
 from aligndet.data.transforms import build_moco_v2_transform, classification_eval_transforms  # noqa: E402
 from aligndet.pretrain.knn import extract_features, knn_top1  # noqa: E402
+from aligndet.engine import cosine_lr  # noqa: E402
 from aligndet.pretrain.moco import MoCo  # noqa: E402
+from train_image import build_optimizer  # noqa: E402
 
 
 def demo_object_layers(parts, split, count, seed=0):
@@ -123,11 +126,8 @@ def main():
     resnet.fc = torch.nn.Identity()
     model = (InBatchMoCo if args.in_batch_negatives else MoCo)(
         resnet, 512, queue_size=1024, momentum=0.99, temperature=0.2, shuffle_splits=args.shuffle_splits)
-    params = [q for q in model.parameters() if q.requires_grad]
     base_lr = 0.24 * 64 / 256
-    optimizer = torch.optim.SGD([{"params": [q for q in params if q.ndim > 1], "weight_decay": 5e-4},
-                                 {"params": [q for q in params if q.ndim <= 1], "weight_decay": 0.0}],
-                                lr=base_lr, momentum=0.9)
+    optimizer = build_optimizer(model, SimpleNamespace(optimizer="sgd", weight_decay=5e-4, momentum=0.9), base_lr)
     loader = torch.utils.data.DataLoader(SwappedViews(train, backgrounds, view, args.swap, args.recolour),
                                          batch_size=64, shuffle=True, drop_last=True)
     per_epoch, step = len(loader), 0
@@ -143,11 +143,8 @@ def main():
     for epoch in range(1, args.epochs + 1):
         t0, losses, accuracies = time.time(), [], []
         for im_q, im_k in loader:
-            warm = step < per_epoch
-            lr = base_lr * step / per_epoch if warm else \
-                0.5 * base_lr * (1 + math.cos(math.pi * (step - per_epoch) / (total - per_epoch)))
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            for group in optimizer.param_groups:  # warm-up from 0 over the first epoch, then cosine
+                group["lr"] = cosine_lr(step, base_lr, total, per_epoch, warmup_factor=0.0)
             out = model(im_q, im_k)
             optimizer.zero_grad()
             out["loss_contrastive"].backward()
