@@ -41,10 +41,10 @@ DETECTOR_PRESETS = {
     ("retinanet", "demo"): dict(anchor_sizes=[16, 32, 64, 128, 256], head_norm="gn", fpn_channels=64),
     # 64 FPN channels for FCOS's GroupNorm too.
     ("fcos", "demo"): dict(fpn_channels=64),
-    # A small DETR for 128 px scenes (benchmarks/RESULTS.md, "DETR"): 2 + 2 layers of width 64, 10 queries (a scene
+    # A small DETR for 128 px scenes (benchmarks/RESULTS.md, "DETR"): 2 + 2 layers of width 128, 10 queries (a scene
     # holds at most 6 digits), no dropout, on the C4 map (8x8 tokens) of a frozen stage-1 ResNet-18, whose features
     # finetune.py caches: DETR needs many steps, and with the backbone trained it did not learn in 2,000.
-    ("detr", "demo"): dict(num_queries=10, enc_layers=2, dec_layers=2, hidden_dim=64, nheads=4, dim_feedforward=256,
+    ("detr", "demo"): dict(num_queries=10, enc_layers=2, dec_layers=2, hidden_dim=128, nheads=4, dim_feedforward=512,
                            dropout=0.0, feature_stage=3, norm="frozen_bn", trainable_layers=0),
 }
 PRESET_NAMES = tuple(BACKBONES)

@@ -15,7 +15,7 @@ import finetune
 import train_box
 from aligndet.checkpoint import RunCheckpoint, load_checkpoint
 from aligndet.cli import PresetParser
-from aligndet.engine import EpochBatches, NonFiniteLossError, train_one_epoch
+from aligndet.engine import EpochBatches, NonFiniteLossError, step_schedule_optimizer, train_one_epoch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -167,3 +167,28 @@ def test_workers_auto_means_none_on_a_cpu_and_counts_are_checked(tmp_path):
                                                    "--workers", "2"])
     start_run(args)
     assert args.workers == 2
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_multi_tensor_optimiser_steps_equal_the_per_tensor_loop(kind):
+    """step_schedule_optimizer uses the multi-tensor (foreach) update on every device; its parameters after a few
+    steps are those of torch's per-tensor loop, bit for bit, with a backbone group at another lr."""
+    def train(foreach):
+        torch.manual_seed(0)
+        model = nn.ModuleDict({"backbone": nn.Linear(6, 8), "head": nn.Linear(8, 3)})
+        args = argparse.Namespace(lr=0.02, batch_size=16, optimizer=kind, momentum=0.9, weight_decay=1e-4,
+                                  backbone_lr_mult=0.1, warmup_iters=0, lr_steps=[])
+        optimizer, _ = step_schedule_optimizer(model, args, 1, 10)
+        assert [len(g["params"]) for g in optimizer.param_groups] == [2, 2] and optimizer.defaults["foreach"]
+        if not foreach:
+            for group in optimizer.param_groups:
+                group["foreach"] = False
+        x = torch.randn(20, 6, generator=torch.Generator().manual_seed(1))
+        for _ in range(10):
+            loss = model["head"](model["backbone"](x).relu()).pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    assert torch.equal(train(True), train(False))
