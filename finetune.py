@@ -273,8 +273,7 @@ def main(args):
         if epoch + 1 == args.epochs or (epoch + 1) % args.eval_every == 0:
             run_eval(epoch + 1)
             checkpoint.save(epoch + 1)
-        log_file.write({"epoch": epoch, "epoch_time": round(time.time() - t0, 1),
-                        **{f"train_{k}": v for k, v in means.items()}})
+        log_file.write_epoch(epoch, time.time() - t0, means)
     log_file.close()
     if getattr(model_without_ddp, "feature_cache_misses", None) is not None:
         log(f"backbone feature cache: {model_without_ddp.feature_cache_hits} hits, "

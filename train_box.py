@@ -59,7 +59,6 @@ Outputs in --output-dir: checkpoint.pth (latest, resumable, "model" = the
 online detector), log.jsonl (every loss term, contrastive top-1 accuracy,
 instances and matched instances per logged step, momentum).
 """
-import json
 import os
 import sys
 import time
@@ -260,9 +259,7 @@ def main(args):
                                 scaler, args.amp, log_file, checkpoint, args.clip_grad_norm)
         start_iter = 0
         checkpoint.save(epoch + 1)
-        log_file.write({"epoch": epoch, "epoch_time": round(time.time() - t0, 1),
-                        **{f"train_{k}": v for k, v in means.items()}})
-        log(json.dumps({"epoch": epoch, **{k: float(f"{v:.5g}") for k, v in means.items()}}))
+        log(log_file.write_epoch(epoch, time.time() - t0, means))
     log_file.close()
     path = os.path.join(args.output_dir, "checkpoint.pth")
     log(f"online detector saved in {path}; fine-tune it with python finetune.py"

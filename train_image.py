@@ -313,9 +313,7 @@ def main(args):
         if unreadable:
             means["skipped_unreadable_images"] = unreadable
             log(f"epoch {epoch}: {unreadable} unreadable images skipped (named above)")
-        log_file.write({"epoch": epoch, "epoch_time": round(time.time() - t0, 1),
-                        **{f"train_{k}": v for k, v in means.items()}})
-        log(json.dumps({"epoch": epoch, **{k: float(f"{v:.5g}") for k, v in means.items()}}))
+        log(log_file.write_epoch(epoch, time.time() - t0, means))
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             evaluate(model_without_ddp, val, bank, args, device, epoch, history, log)
         checkpoint.save(epoch + 1)

@@ -202,6 +202,12 @@ class JsonLog:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
 
+    def write_epoch(self, epoch, seconds, means):
+        """Write the record of a finished epoch (its seconds and its training means as ``train_<name>``);
+        return its means to five significant digits as one JSON line for the console."""
+        self.write({"epoch": epoch, "epoch_time": round(seconds, 1), **{f"train_{k}": v for k, v in means.items()}})
+        return json.dumps({"epoch": epoch, **{k: float(f"{v:.5g}") for k, v in means.items()}})
+
     def close(self):
         if self.file is not None:
             self.file.close()

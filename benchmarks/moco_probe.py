@@ -50,9 +50,9 @@ def demo_object_layers(parts, split, count, seed=0):
     pool = demo.split_digits(labels, seed)[split_id]
     layers = []
     for j in range(count):
-        rng = np.random.default_rng([seed, 2, split_id, j])
         index = int(pool[j % len(pool)])
-        layers.append((*demo.object_layers(rng, backgrounds, digits[index]), int(labels[index])))
+        layers.append((*demo.object_layers(demo.object_rng(seed, split, j), backgrounds, digits[index]),
+                       int(labels[index])))
     return layers, backgrounds
 
 

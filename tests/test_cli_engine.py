@@ -3,6 +3,7 @@ what --help shows, that flags win over presets, that a second parse starts from
 the parser's own defaults, and the loop's contract (loss dict, weight_dict,
 after_step, --max-iters, periodic and non-finite checkpoints)."""
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import finetune
 import train_box
 from aligndet.checkpoint import RunCheckpoint, load_checkpoint
 from aligndet.cli import PresetParser
-from aligndet.engine import EpochBatches, NonFiniteLossError, step_schedule_optimizer, train_one_epoch
+from aligndet.engine import EpochBatches, JsonLog, NonFiniteLossError, step_schedule_optimizer, train_one_epoch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -118,6 +119,15 @@ def test_loop_weights_losses_calls_after_step_and_caps_iterations(tmp_path):
     assert torch.equal(resumed.linear.weight, saved["model"]["linear.weight"])
     with pytest.raises(Exception, match="not a stage-'other' checkpoint \\(stage 'toy'\\)"):
         RunCheckpoint(str(tmp_path), resumed, optimizer, None, args, "other").resume("auto", log=lambda *a: None)
+
+
+def test_epoch_record_keeps_full_means_and_the_console_line_rounds_them(tmp_path):
+    log = JsonLog(str(tmp_path / "log.jsonl"))
+    line = log.write_epoch(3, 12.345, {"loss": 1.23456789, "loss_box": 0.000123456789})
+    log.close()
+    assert json.loads(line) == {"epoch": 3, "loss": 1.2346, "loss_box": 0.00012346}
+    [record] = [json.loads(r) for r in open(tmp_path / "log.jsonl")]
+    assert record == {"epoch": 3, "epoch_time": 12.3, "train_loss": 1.23456789, "train_loss_box": 0.000123456789}
 
 
 def test_loop_refuses_an_unweighted_loss_and_saves_before_a_nonfinite_step(tmp_path):

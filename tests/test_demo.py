@@ -98,10 +98,9 @@ def test_object_layers_rebuild_the_stored_object_images(tiny_build, parts):
     digits, labels = demo.load_digits(parts["mnist_5k.csv.gz"])
     backgrounds = demo.load_backgrounds(parts)
     pool = manifest["digits"]["train"]
-    for j in range(3):  # the build's stream for training object image j
+    for j in range(3):
         index = pool[j % len(pool)]
-        background, alpha, colour = demo.object_layers(np.random.default_rng([0, 2, 0, j]), backgrounds,
-                                                       digits[index])
+        background, alpha, colour = demo.object_layers(demo.object_rng(0, "train", j), backgrounds, digits[index])
         path = os.path.join(out, "objects", "train", demo.CLASS_NAMES[labels[index]], f"{j:06d}.png")
         assert np.array_equal(demo.compose(background, alpha, colour), cv2.imread(path)[..., ::-1])
         assert alpha.shape == (64, 64) and alpha.max() <= 1 and alpha.sum() > 0

@@ -228,6 +228,12 @@ def make_scene(rng, backgrounds, digits, labels, pool, max_iou=0.2, min_digits=2
     return np.clip(canvas + 0.5, 0, 255).astype(np.uint8), objects
 
 
+def object_rng(seed, split, j):
+    """The random stream of the build's object image ``j`` of ``split`` ("train" or "val"): the
+    same stream rebuilds that image's layers (``object_layers``) outside the build."""
+    return np.random.default_rng([seed, 2, ("train", "val").index(split), j])
+
+
 def object_layers(rng, backgrounds, digit):
     """The parts of one object-centric image: a 64x64 background crop (float [64, 64, 3]),
     the digit's alpha mask of 28-56 px placed in it ([64, 64] in [0, 1]) and its colour."""
@@ -300,9 +306,8 @@ def build_demo(out=DEFAULT_DEMO_ROOT, num_train=2000, num_val=500, num_objects_t
         for name in CLASS_NAMES:
             os.makedirs(os.path.join(out, "objects", split, name), exist_ok=True)
         for j in tqdm(range(num_objects), desc=f"demo {split} objects", disable=not progress):
-            rng = np.random.default_rng([seed, 2, split_id, j])
             index = int(pool[j % len(pool)])
-            image = make_object(rng, backgrounds, digits[index])
+            image = make_object(object_rng(seed, split, j), backgrounds, digits[index])
             _save_png(os.path.join(out, "objects", split, CLASS_NAMES[labels[index]], f"{j:06d}.png"), image)
         counts[split] = {"scenes": num_scenes, "boxes": len(annotations), "objects": num_objects}
     manifest = {"params": params, "counts": counts,
