@@ -87,7 +87,7 @@ def get_args_parser():
     m = p.add_argument_group("model (defaults: --preset's for --detector; None = the detector has no such option)")
     m.add_argument("--preset", choices=PRESET_NAMES, default="demo", help="model, schedule and image-size preset")
     m.add_argument("--detector", choices=sorted(DETECTORS), default="faster_rcnn",
-                   help="options marked (faster_rcnn) apply to that detector only")
+                   help="options marked (faster_rcnn) apply to it and to mask_rcnn (which extends it) only")
     m.add_argument("--backbone", help="resnet18 / resnet34 / resnet50 / resnet101")
     m.add_argument("--backbone-weights", help="'imagenet' (torchvision's DEFAULT, downloads once), "
                    "torchvision:<Enum>.<NAME>, a file path, or 'none'")
@@ -109,6 +109,8 @@ def get_args_parser():
                    "(faster_rcnn)")
     m.add_argument("--box-batch-size-per-image", type=int, help="RoIs sampled per image for the box-head loss "
                    "(faster_rcnn)")
+    m.add_argument("--mask-layers", type=int, nargs="+", help="widths of the mask head's 3x3 convs (mask_rcnn)")
+    m.add_argument("--mask-hidden", type=int, help="width of the mask head's 2x upsampling conv (mask_rcnn)")
     m.add_argument("--num-queries", type=int, help="object queries (detr)")
     m.add_argument("--enc-layers", type=int, help="transformer encoder layers (detr)")
     m.add_argument("--dec-layers", type=int, help="transformer decoder layers (detr)")

@@ -1,12 +1,19 @@
-"""COCO box AP with pycocotools.
+"""COCO box AP, and mask AP for detectors with masks, with pycocotools.
 
 Detections arrive in the detector convention (``boxes`` xyxy pixels in the
-original image, ``scores``, ``labels`` in ``1..K``) and are turned into COCO
-results (``bbox`` xywh pixels, ``category_id`` through ``label_to_cat``).
-Evaluation covers exactly the images that were evaluated (``params.imgIds``),
-so a subset of a validation set is scored fairly.
+original image, ``scores``, ``labels`` in ``1..K``, optionally ``masks``
+[M, 1, H, W] probabilities) and are turned into COCO results (``bbox`` xywh
+pixels, ``category_id`` through ``label_to_cat``, ``segmentation`` the RLE of
+the mask thresholded at 0.5). Evaluation covers exactly the images that were
+evaluated (``params.imgIds``), so a subset of a validation set is scored fairly.
+
+With masks, ``COCOeval(iouType="segm")`` runs next to the box evaluation and
+its 12 stats join the box ones with a ``mask_`` prefix (``mask_AP``, ...). A
+ground-truth instance without a usable segmentation counts as a crowd region
+in mask AP (a detection on it is neither a hit nor a miss).
 """
 import contextlib
+import copy
 import io
 import logging
 
@@ -14,6 +21,7 @@ import torch
 from pycocotools.cocoeval import COCOeval
 from torchvision.ops import box_convert
 
+from aligndet.data.masks import encode, segmentation_problem
 from aligndet.distributed import all_gather_object, is_main_process
 
 logger = logging.getLogger(__name__)
@@ -21,6 +29,7 @@ logger = logging.getLogger(__name__)
 # Order of COCOeval.stats for iouType "bbox".
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
               "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+MASK_STAT_NAMES = tuple(f"mask_{name}" for name in STAT_NAMES)  # the same for iouType "segm"
 
 
 def to_coco_results(image_id, output, label_to_cat):
@@ -29,13 +38,16 @@ def to_coco_results(image_id, output, label_to_cat):
     boxes = box_convert(boxes, in_fmt="xyxy", out_fmt="xywh")  # [M, 4] pixels
     scores = torch.as_tensor(output["scores"]).detach().float().cpu().reshape(-1).tolist()
     labels = torch.as_tensor(output["labels"]).detach().cpu().reshape(-1).tolist()
+    masks = [None] * len(labels)
+    if "masks" in output:  # [M, 1, H, W] probabilities -> binary -> RLE
+        masks = encode((torch.as_tensor(output["masks"]).detach().cpu()[:, 0] > 0.5).numpy())
     results = []
-    for box, score, label in zip(boxes.tolist(), scores, labels):
+    for box, score, label, mask in zip(boxes.tolist(), scores, labels, masks):
         if label not in label_to_cat:
             raise ValueError(f"image {image_id}: predicted label {label} has no category; "
                              f"labels must be in 1..{len(label_to_cat)}")
         results.append({"image_id": image_id, "category_id": label_to_cat[label],
-                        "bbox": box, "score": score})
+                        "bbox": box, "score": score, **({"segmentation": mask} if mask else {})})
     return results
 
 
@@ -81,20 +93,22 @@ class CocoEvaluator:
         stats = None
         if is_main_process():
             results = [r for dets in self.results.values() for r in dets]
-            stats = _run_cocoeval(self.coco_gt, results, sorted(self.results), verbose)
+            stats = _box_and_mask_ap(self.coco_gt, results, sorted(self.results), verbose)
         return all_gather_object(stats)[0]
 
 
 def evaluate_detections(coco_gt, detections, label_to_cat, image_ids=None, verbose=True):
-    """COCO box AP of ``detections`` against ``coco_gt`` (a ``pycocotools.coco.COCO``).
+    """COCO box AP (and mask AP) of ``detections`` against ``coco_gt`` (a ``pycocotools.coco.COCO``).
 
     Args:
-        detections: ``{image_id: {"boxes" [M, 4] xyxy, "scores" [M], "labels" [M]}}``.
+        detections: ``{image_id: {"boxes" [M, 4] xyxy, "scores" [M], "labels" [M]}}``,
+            with ``"masks"`` [M, 1, H, W] for mask AP too.
         label_to_cat: ``{label: category_id}``.
         image_ids: images to score (images without detections count as misses);
             default: the keys of ``detections``.
     Returns:
-        dict with the 12 ``STAT_NAMES``. Without any detection all are 0.0.
+        dict with the 12 ``STAT_NAMES`` (and the 12 ``MASK_STAT_NAMES`` for detections
+        with masks). Without any detection all are 0.0.
         COCOeval reports -1 for a stat with no ground truth (e.g. no small objects).
     """
     image_ids = sorted(int(i) for i in (detections if image_ids is None else image_ids))
@@ -102,11 +116,41 @@ def evaluate_detections(coco_gt, detections, label_to_cat, image_ids=None, verbo
     for image_id in image_ids:
         if image_id in detections:
             results += to_coco_results(image_id, detections[image_id], label_to_cat)
-    return _run_cocoeval(coco_gt, results, image_ids, verbose)
+    return _box_and_mask_ap(coco_gt, results, image_ids, verbose)
 
 
-def _run_cocoeval(coco_gt, results, image_ids, verbose):
-    """COCOeval (bbox) of COCO result dicts, restricted to ``image_ids``."""
+def _box_and_mask_ap(coco_gt, results, image_ids, verbose):
+    """Box AP of the results; mask AP too (``mask_`` names) where they carry segmentations."""
+    with_masks = any("segmentation" in r for r in results)
+    stats = _run_cocoeval(coco_gt, [{k: v for k, v in r.items() if k != "segmentation"} for r in results],
+                          image_ids, verbose)
+    if with_masks:
+        if verbose:
+            print("mask AP (segm):")
+        # Without "bbox", loadRes takes each result's box and area from its mask.
+        segm = _run_cocoeval(_mask_ground_truth(coco_gt), [{k: v for k, v in r.items() if k != "bbox"}
+                                                           for r in results], image_ids, verbose, "segm")
+        stats.update({f"mask_{name}": value for name, value in segm.items()})
+    return stats
+
+
+def _mask_ground_truth(coco_gt):
+    """A copy of ``coco_gt`` for COCOeval segm: an annotation without a usable segmentation
+    becomes a crowd region covering its box (COCOeval needs a mask for every annotation)."""
+    gt = copy.copy(coco_gt)
+    gt.anns = {}
+    for ann_id, ann in coco_gt.anns.items():
+        info = coco_gt.imgs.get(ann["image_id"], {})
+        if segmentation_problem(ann.get("segmentation"), info.get("height"), info.get("width")) is not None:
+            x, y, w, h = ann["bbox"]
+            ann = dict(ann, iscrowd=1, segmentation=[[x, y, x + w, y, x + w, y + h, x, y + h]])
+        gt.anns[ann_id] = ann
+    gt.imgToAnns = {i: [gt.anns[a["id"]] for a in anns] for i, anns in coco_gt.imgToAnns.items()}
+    return gt
+
+
+def _run_cocoeval(coco_gt, results, image_ids, verbose, iou_type="bbox"):
+    """COCOeval (``iou_type`` "bbox" or "segm") of COCO result dicts, restricted to ``image_ids``."""
     unknown = sorted(set(image_ids) - set(coco_gt.getImgIds()))
     if unknown:
         raise ValueError(f"{len(unknown)} evaluated image ids are not in the ground truth, "
@@ -120,7 +164,7 @@ def _run_cocoeval(coco_gt, results, image_ids, verbose):
     with contextlib.redirect_stdout(out):
         # loadRes writes ids and areas into the dicts it gets; give it copies.
         coco_dt = coco_gt.loadRes([dict(r) for r in results])
-        coco_eval = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        coco_eval = COCOeval(coco_gt, coco_dt, iouType=iou_type)
         coco_eval.params.imgIds = image_ids
         coco_eval.evaluate()
         coco_eval.accumulate()

@@ -20,7 +20,7 @@ MODEL_OPTIONS = ("backbone_weights", "norm", "trainable_layers", "fpn_channels",
                  "rpn_post_nms_top_n_train", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test",
                  "rpn_batch_size_per_image", "box_batch_size_per_image",
                  "num_queries", "enc_layers", "dec_layers", "hidden_dim", "nheads", "dim_feedforward", "dropout",
-                 "dilation", "eos_coef", "feature_stage")
+                 "dilation", "eos_coef", "feature_stage", "mask_layers", "mask_hidden")
 
 BACKBONES = {
     # Small and fast: the demo dataset on a laptop CPU, ResNet-18 at 128 px, trained from scratch.
@@ -29,12 +29,14 @@ BACKBONES = {
     # The standard COCO setting: torchvision's ImageNet ResNet-50, the builders' defaults otherwise.
     "coco": dict(backbone="resnet50", backbone_weights="imagenet"),
 }
+# The RoI-align backward pass dominates on a CPU, hence 64 sampled RoIs per image in the demo.
+FASTER_RCNN_DEMO = dict(representation_size=256, anchor_sizes=[16, 32, 64, 128, 256], rpn_pre_nms_top_n_train=600,
+                        rpn_post_nms_top_n_train=300, rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=150,
+                        rpn_batch_size_per_image=128, box_batch_size_per_image=64)
 DETECTOR_PRESETS = {
-    # The RoI-align backward pass dominates on a CPU, hence 64 sampled RoIs per image in the demo.
-    ("faster_rcnn", "demo"): dict(representation_size=256, anchor_sizes=[16, 32, 64, 128, 256],
-                                  rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300,
-                                  rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=150,
-                                  rpn_batch_size_per_image=128, box_batch_size_per_image=64),
+    ("faster_rcnn", "demo"): FASTER_RCNN_DEMO,
+    # Faster R-CNN's demo preset, whose box-domain checkpoint it fine-tunes from, and a mask head as wide as the FPN.
+    ("mask_rcnn", "demo"): dict(FASTER_RCNN_DEMO, mask_layers=[32, 32, 32, 32], mask_hidden=32),
     # Anchors of half the COCO sizes on P3-P7 for 20-56 px digits in 128 px scenes. GroupNorm in the towers: without
     # it a small RetinaNet barely starts learning in 500 iterations (benchmarks/RESULTS.md); 64 FPN channels, as
     # GroupNorm(32) needs more than one value per group on the 1x1 P7 map of a 128 px image.

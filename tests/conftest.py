@@ -90,12 +90,16 @@ def squares_views(num_images=2, size=64, num_proposals=6, seed=0, sides=(12, 28)
 
 
 def assert_same_detections(ours, theirs):
-    """Two detectors' outputs on the same images agree: boxes and scores to 1e-4, labels exactly."""
+    """Two detectors' outputs on the same images agree: boxes, scores (and masks, where there are
+    any) to 1e-4, labels exactly."""
     for a, b in zip(ours, theirs, strict=True):
+        assert set(a) == set(b)
         assert a["boxes"].shape == b["boxes"].shape and a["boxes"].shape[0] > 0
         torch.testing.assert_close(a["boxes"], b["boxes"], rtol=0, atol=1e-4)
         torch.testing.assert_close(a["scores"], b["scores"], rtol=0, atol=1e-4)
         assert torch.equal(a["labels"], b["labels"])
+        if "masks" in a:
+            torch.testing.assert_close(a["masks"], b["masks"], rtol=0, atol=1e-4)
 
 
 def assert_no_detections(detections):

@@ -29,7 +29,9 @@ import torch
 torch.set_num_threads(1)
 torch.manual_seed(0)
 image = torch.rand(3, 64, 64)
-target = {{"boxes": torch.tensor([[8.0, 10.0, 40.0, 50.0]]), "labels": torch.tensor([1])}}  # xyxy pixels
+masks = torch.zeros(1, 64, 64, dtype=torch.uint8)
+masks[0, 12:48, 10:38] = 1  # the instance mask, for Mask R-CNN (the other detectors ignore it)
+target = {{"boxes": torch.tensor([[8.0, 10.0, 40.0, 50.0]]), "labels": torch.tensor([1]), "masks": masks}}  # xyxy px
 
 def check(model):
     losses = model.train()([image], [target])
@@ -51,6 +53,8 @@ with tempfile.NamedTemporaryFile(suffix=".pth") as f:  # backbone weights read b
     "aligndet.models.retinanet": f"from aligndet.models.retinanet import build_retinanet\n"
                                  f"check(build_retinanet(2, {TINY.format(32)}))",
     "aligndet.models.fcos": f"from aligndet.models.fcos import build_fcos\ncheck(build_fcos(2, {TINY.format(64)}))",
+    "aligndet.models.mask_rcnn": f"from aligndet.models.mask_rcnn import build_mask_rcnn\n"
+                                 f"check(build_mask_rcnn(2, {TINY.format(32)}, mask_layers=(16, 16), mask_hidden=16))",
     "aligndet.models": f"import inspect\nfrom aligndet.models import DETECTORS, build_detector\n"
                        f"for name in DETECTORS:\n"
                        f"    fpn = 'fpn_channels' in inspect.signature(DETECTORS[name]).parameters\n"

@@ -11,9 +11,10 @@ SMALL = dict(min_size=128, max_size=192, fpn_channels=64, representation_size=12
              anchor_sizes=(16, 32, 64, 128, 256), rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=300)
 
 
-def _random_model(backbone, seed=0, **options):
+def _random_model(backbone, seed=0, detector="faster_rcnn", **options):
+    """A small R-CNN (``faster_rcnn`` or ``mask_rcnn``) of 5 classes with random weights."""
     torch.manual_seed(seed)
-    model = build_detector("faster_rcnn", 5, backbone=backbone, **{**SMALL, **options})
+    model = build_detector(detector, 5, backbone=backbone, **{**SMALL, **options})
     # Spread the random class scores so that ranking does not hinge on ties.
     torch.nn.init.normal_(model.roi_heads.box_predictor.cls_score.weight, std=0.3)
     torch.nn.init.normal_(model.rpn.head.cls_logits.weight, std=0.3)

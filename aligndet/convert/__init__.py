@@ -10,17 +10,20 @@ wherever torchvision's are. One file per detector holds its name mapping.
 """
 from torchvision.models.detection import FCOS as TVFCOS
 from torchvision.models.detection import FasterRCNN as TVFasterRCNN
+from torchvision.models.detection import MaskRCNN as TVMaskRCNN
 from torchvision.models.detection import RetinaNet as TVRetinaNet
 
-from aligndet.models import FCOS, FasterRCNN, RetinaNet
+from aligndet.models import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 
 from .faster_rcnn import faster_rcnn_from_torchvision, faster_rcnn_to_torchvision
 from .fcos import fcos_from_torchvision, fcos_to_torchvision
+from .mask_rcnn import mask_rcnn_from_torchvision, mask_rcnn_to_torchvision
 from .retinanet import retinanet_from_torchvision, retinanet_to_torchvision
 
 # (our class, torchvision's class, ours -> theirs, theirs -> ours)
 CONVERTERS = [
     (FasterRCNN, TVFasterRCNN, faster_rcnn_to_torchvision, faster_rcnn_from_torchvision),
+    (MaskRCNN, TVMaskRCNN, mask_rcnn_to_torchvision, mask_rcnn_from_torchvision),
     (RetinaNet, TVRetinaNet, retinanet_to_torchvision, retinanet_from_torchvision),
     (FCOS, TVFCOS, fcos_to_torchvision, fcos_from_torchvision),
 ]

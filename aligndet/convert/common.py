@@ -47,3 +47,10 @@ def torchvision_backbone(backbone: nn.Module, extra_blocks) -> TVBackboneWithFPN
     returned = {f"layer{i}": str(k) for k, i in enumerate(body.returned_layers)}
     in_channels = [body.stage_channels()[i - 1] for i in body.returned_layers]
     return TVBackboneWithFPN(resnet, returned, in_channels, backbone.out_channels, extra_blocks=extra_blocks)
+
+
+def load_converted(src, dst, rename):
+    """Copy ``src``'s weights (renamed) and frozen flags into ``dst``, in ``src``'s train/eval mode."""
+    dst.load_state_dict({rename(k): v for k, v in src.state_dict().items()}, strict=True)
+    copy_trainable_flags(src, dst, rename)
+    return dst.train(src.training)

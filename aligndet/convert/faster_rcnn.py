@@ -8,23 +8,23 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from aligndet.models.faster_rcnn import FasterRCNN, build_faster_rcnn
 
-from .common import check_normalisation, copy_trainable_flags, norm_name, resnet_name, torchvision_backbone
+from .common import check_normalisation, load_converted, norm_name, resnet_name, torchvision_backbone
 
 # Our parameter name -> torchvision's, where they differ.
 _RPN_CONV = ("rpn.head.conv.", "rpn.head.conv.0.0.")
 
 
-def _to_tv_key(key: str) -> str:
+def to_tv_key(key: str) -> str:
     return key.replace(*_RPN_CONV) if key.startswith(_RPN_CONV[0]) else key
 
 
-def _from_tv_key(key: str) -> str:
+def from_tv_key(key: str) -> str:
     return key.replace(_RPN_CONV[1], _RPN_CONV[0]) if key.startswith(_RPN_CONV[1]) else key
 
 
-def _settings(model) -> dict:
+def settings(model) -> dict:
     """The build_faster_rcnn arguments that reproduce `model`, read off a
-    Faster R-CNN of ours or of torchvision's."""
+    Faster (or Mask) R-CNN of ours or of torchvision's."""
     transform, rpn, roi = model.transform, model.rpn, model.roi_heads
     if isinstance(model, TVFasterRCNN):
         if not isinstance(roi.box_head, TVTwoMLPHead) or not isinstance(roi.box_predictor, FastRCNNPredictor):
@@ -66,16 +66,14 @@ def _settings(model) -> dict:
     )
 
 
-def faster_rcnn_to_torchvision(model: FasterRCNN) -> TVFasterRCNN:
-    """A torchvision FasterRCNN with the same settings and (copied) weights."""
-    if not isinstance(model, FasterRCNN):
-        raise TypeError(f"expected our FasterRCNN, got {type(model).__name__}")
-    s = _settings(model)
-    tv_backbone = torchvision_backbone(model.backbone, LastLevelMaxPool())
+def torchvision_kwargs(model, s: dict) -> dict:
+    """torchvision's FasterRCNN (or MaskRCNN) arguments for the settings ``s``
+    (``settings``) of our ``model``: modules with random weights, which the
+    converter then loads."""
     anchors = TVAnchorGenerator(tuple((a,) for a in s["anchor_sizes"]), (s["aspect_ratios"],) * len(s["anchor_sizes"]))
-    tv = TVFasterRCNN(
-        tv_backbone, min_size=s["min_size"], max_size=s["max_size"],
-        rpn_anchor_generator=anchors,
+    return dict(
+        backbone=torchvision_backbone(model.backbone, LastLevelMaxPool()), min_size=s["min_size"],
+        max_size=s["max_size"], rpn_anchor_generator=anchors,
         rpn_head=TVRPNHead(s["fpn_channels"], len(s["aspect_ratios"])),
         rpn_pre_nms_top_n_train=s["rpn_pre_nms_top_n_train"], rpn_pre_nms_top_n_test=s["rpn_pre_nms_top_n_test"],
         rpn_post_nms_top_n_train=s["rpn_post_nms_top_n_train"], rpn_post_nms_top_n_test=s["rpn_post_nms_top_n_test"],
@@ -86,20 +84,19 @@ def faster_rcnn_to_torchvision(model: FasterRCNN) -> TVFasterRCNN:
         box_score_thresh=s["box_score_thresh"], box_nms_thresh=s["box_nms_thresh"],
         box_detections_per_img=s["box_detections_per_img"], box_batch_size_per_image=s["box_batch_size_per_image"],
     )
-    state = {_to_tv_key(k): v for k, v in model.state_dict().items()}
-    tv.load_state_dict(state, strict=True)
-    copy_trainable_flags(model, tv, _to_tv_key)
-    return tv.train(model.training)
+
+
+def faster_rcnn_to_torchvision(model: FasterRCNN) -> TVFasterRCNN:
+    """A torchvision FasterRCNN with the same settings and (copied) weights."""
+    if not isinstance(model, FasterRCNN):
+        raise TypeError(f"expected our FasterRCNN, got {type(model).__name__}")
+    return load_converted(model, TVFasterRCNN(**torchvision_kwargs(model, settings(model))), to_tv_key)
 
 
 def faster_rcnn_from_torchvision(tv_model: TVFasterRCNN) -> FasterRCNN:
     """Our FasterRCNN with the settings and weights of a torchvision one."""
     if not isinstance(tv_model, TVFasterRCNN):
         raise TypeError(f"expected torchvision's FasterRCNN, got {type(tv_model).__name__}")
-    s = _settings(tv_model)
+    s = settings(tv_model)
     num_classes = s.pop("num_classes")
-    model = build_faster_rcnn(num_classes, **s)
-    state = {_from_tv_key(k): v for k, v in tv_model.state_dict().items()}
-    model.load_state_dict(state, strict=True)
-    copy_trainable_flags(tv_model, model, _from_tv_key)
-    return model.train(tv_model.training)
+    return load_converted(tv_model, build_faster_rcnn(num_classes, **s), from_tv_key)

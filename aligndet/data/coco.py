@@ -5,7 +5,11 @@ Items are ``(image, target)`` in torchvision's detection convention:
 - ``image``: float32 tensor ``[3, H, W]`` in ``[0, 1]``;
 - ``target["boxes"]``: float32 ``[N, 4]``, xyxy, absolute pixels;
 - ``target["labels"]``: int64 ``[N]``, contiguous labels ``1..K`` (0 is background);
-- ``target["image_id"]``: int, the COCO image id.
+- ``target["image_id"]``: int, the COCO image id;
+- with ``masks=True`` also ``target["masks"]``: uint8 ``[N, H, W]`` (1 inside the
+  instance) and ``target["mask_valid"]``: bool ``[N]``, False where the
+  annotation's segmentation is missing or broken (its box is kept; the mask
+  loss leaves it out).
 
 Category ids in the json may be anything (COCO uses 1..90 with gaps). They are
 sorted and mapped to labels ``1..K``; ``cat_to_label`` / ``label_to_cat`` hold
@@ -31,6 +35,7 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
 from aligndet.data.images import WarningCap
+from aligndet.data.masks import decode, segmentation_problem
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +53,12 @@ class CocoDetection(torch.utils.data.Dataset):
         image_ids: use only these image ids, in this order (e.g. from
             ``aligndet.data.splits.label_fraction_split``). Default: all ids, sorted.
         remove_empty: drop images without valid boxes (common for training).
+        masks: also decode each box's ``segmentation`` (polygons, RLE or
+            uncompressed RLE); ``target["masks"]`` is then a ``tv_tensors.Mask``
+            for the transforms, so flips and resizes move it with the image.
     """
 
-    def __init__(self, image_dir, ann_file, transforms=None, image_ids=None, remove_empty=False):
+    def __init__(self, image_dir, ann_file, transforms=None, image_ids=None, remove_empty=False, masks=False):
         if not os.path.isfile(ann_file):
             raise FileNotFoundError(f"COCO annotation file not found: {ann_file}")
         if not os.path.isdir(image_dir):
@@ -59,6 +67,7 @@ class CocoDetection(torch.utils.data.Dataset):
         self.ann_file = str(ann_file)
         self.transforms = transforms
         self.remove_empty = remove_empty
+        self.masks = masks
         self.coco = _load_coco(ann_file)
 
         cat_ids = sorted(self.coco.cats)
@@ -79,11 +88,11 @@ class CocoDetection(torch.utils.data.Dataset):
         self._counts = dict.fromkeys(
             ["images_in_json", "missing_images", "annotations", "kept_boxes", "crowd",
              "unknown_category", "invalid_boxes", "clipped_boxes", "dropped_after_clip",
-             "empty_images", "removed_empty", "unreadable_images"], 0)
+             "empty_images", "removed_empty", "unreadable_images", "missing_masks", "broken_masks"], 0)
         self._counts["images_in_json"] = len(self.coco.imgs)
         self._warn = WarningCap(logger)
 
-        self.ids, self._paths, self._boxes, self._labels = [], [], [], []
+        self.ids, self._paths, self._boxes, self._labels, self._segmentations = [], [], [], [], []
         for image_id in image_ids:
             info = self.coco.imgs[image_id]
             path = os.path.join(self.image_dir, info["file_name"])
@@ -92,7 +101,7 @@ class CocoDetection(torch.utils.data.Dataset):
                 self._warn("missing", "image file %s (id %d) does not exist; skipping it",
                            path, image_id)
                 continue
-            boxes, labels = self._parse_annotations(image_id, info)
+            boxes, labels, segmentations = self._parse_annotations(image_id, info)
             if len(boxes) == 0:
                 self._counts["empty_images"] += 1
                 if remove_empty:
@@ -102,13 +111,15 @@ class CocoDetection(torch.utils.data.Dataset):
             self._paths.append(path)
             self._boxes.append(boxes)
             self._labels.append(labels)
+            self._segmentations.append(segmentations)
         if not self.ids:
             logger.warning("no usable images in %s: %s", ann_file, self.report())
 
     def _parse_annotations(self, image_id, info):
-        """Valid, non-crowd boxes of one image: float32 [N, 4] xyxy and int64 [N] labels."""
+        """Valid, non-crowd boxes of one image: float32 [N, 4] xyxy, int64 [N] labels and, with
+        ``masks``, their N segmentations (None where missing or broken, counted)."""
         width, height = info.get("width"), info.get("height")
-        boxes, labels = [], []
+        boxes, labels, segmentations = [], [], []
         for ann in self.coco.imgToAnns.get(image_id, []):
             self._counts["annotations"] += 1
             cat_id = ann.get("category_id")
@@ -141,9 +152,21 @@ class CocoDetection(torch.utils.data.Dataset):
                     box = clipped
             boxes.append(box)
             labels.append(self.cat_to_label[cat_id])
+            if self.masks:
+                segmentations.append(self._check_segmentation(ann, image_id, height, width))
         self._counts["kept_boxes"] += len(boxes)
         return (np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
-                np.asarray(labels, dtype=np.int64))
+                np.asarray(labels, dtype=np.int64), segmentations)
+
+    def _check_segmentation(self, ann, image_id, height, width):
+        """The annotation's segmentation if it can be decoded, else None (counted, warned)."""
+        problem = segmentation_problem(ann.get("segmentation"), height, width)
+        if problem is None:
+            return ann["segmentation"]
+        self._counts["missing_masks" if problem == "missing" else "broken_masks"] += 1
+        self._warn("mask", "annotation %s (image %d): %s segmentation; its box is kept, without a mask",
+                   ann.get("id"), image_id, problem)
+        return None
 
     def __len__(self):
         return len(self.ids)
@@ -174,6 +197,9 @@ class CocoDetection(torch.utils.data.Dataset):
             "labels": torch.from_numpy(self._labels[index])[keep],
             "image_id": image_id,
         }
+        if self.masks:
+            masks, valid = self._decode_masks(index, image.height, image.width)
+            target["masks"], target["mask_valid"] = tv_tensors.Mask(masks[keep]), valid[keep]
         if self.transforms is not None:
             image, target = self.transforms(image, target)
 
@@ -182,7 +208,22 @@ class CocoDetection(torch.utils.data.Dataset):
         image = F.to_dtype(image, torch.float32, scale=True).as_subclass(torch.Tensor)
         target["boxes"] = target["boxes"].as_subclass(torch.Tensor).float().reshape(-1, 4)
         target["labels"] = torch.as_tensor(target["labels"], dtype=torch.int64)
+        if self.masks:
+            target["masks"] = target["masks"].as_subclass(torch.Tensor).to(torch.uint8)
         return image, target
+
+    def _decode_masks(self, index, height, width):
+        """uint8 [N, H, W] masks of image ``index`` at its real size, and bool [N] valid flags."""
+        masks = np.zeros((len(self._segmentations[index]), height, width), dtype=np.uint8)
+        valid = np.zeros(len(masks), dtype=bool)
+        for i, segmentation in enumerate(self._segmentations[index]):
+            # Polygons rasterise at any size; an RLE of the json's size cannot fit another.
+            if segmentation is not None and segmentation_problem(segmentation, height, width) is None:
+                masks[i], valid[i] = decode(segmentation, height, width), True
+            elif segmentation is not None:
+                self._warn("mask size", "image id %d: an RLE mask of the json's size does not fit the %dx%d "
+                           "image; training that instance without a mask", self.ids[index], width, height)
+        return torch.from_numpy(masks), torch.from_numpy(valid)
 
     def summary(self):
         """Counts of everything skipped, clipped or kept, as a dict of ints."""
@@ -199,7 +240,9 @@ class CocoDetection(torch.utils.data.Dataset):
                 f"category and {c['invalid_boxes']} with non-positive or invalid size were "
                 f"skipped; {c['clipped_boxes']} were clipped to the image and "
                 f"{c['dropped_after_clip']} dropped as empty after clipping. "
-                f"{self.num_classes} classes.")
+                f"{self.num_classes} classes."
+                + (f" Masks: {c['missing_masks']} boxes without a segmentation and {c['broken_masks']} with a "
+                   "broken one train without a mask." if self.masks else ""))
 
 
 def _load_coco(ann_file):

@@ -65,14 +65,17 @@ class RoIHeads(nn.Module):
         """Adds the gt boxes to each image's proposals, labels and samples them.
 
         Returns per image: sampled proposals [S, 4], their labels [S] (0 =
-        background) and regression targets [S, 4] (zero for background).
+        background), regression targets [S, 4] (zero for background) and the
+        index of each one's ground-truth box [S] (-1 for background; the mask
+        branch reads its mask there).
         """
-        out_props, out_labels, out_deltas = [], [], []
+        out_props, out_labels, out_deltas, out_matched = [], [], [], []
         for props, target in zip(proposals, targets):
             gt, gt_labels = target["boxes"], target["labels"]
             props = torch.cat([props, gt.to(props.dtype)])
             if gt.numel() == 0:
                 labels = torch.zeros(props.shape[0], dtype=torch.int64, device=props.device)
+                matches = torch.full_like(labels, -1)
                 matched = torch.zeros_like(props)
             else:
                 matches = self.matcher(box_iou(gt, props))
@@ -88,7 +91,8 @@ class RoIHeads(nn.Module):
             out_props.append(props[keep])
             out_labels.append(labels)
             out_deltas.append(deltas)
-        return out_props, out_labels, out_deltas
+            out_matched.append(torch.where(labels > 0, matches[keep], -1))
+        return out_props, out_labels, out_deltas, out_matched
 
     def box_features(self, features, proposals, image_sizes):
         """RoI-align every proposal on its FPN level -> box-head features [R, hidden]."""
@@ -129,7 +133,7 @@ class RoIHeads(nn.Module):
         if self.training:
             if targets is None:
                 raise ValueError("targets are needed in training mode")
-            proposals, labels, target_deltas = self.sample_proposals(proposals, targets)
+            proposals, labels, target_deltas, _ = self.sample_proposals(proposals, targets)
         class_logits, box_deltas = self.box_predictor(self.box_features(features, proposals, image_sizes))
         if self.training:
             return [], self.compute_loss(class_logits, box_deltas, labels, target_deltas)

@@ -37,7 +37,7 @@ class DetectionTransform(nn.Module):
         self.size_divisible = size_divisible
 
     def resize(self, image: Tensor, target: dict = None):
-        """image [3, H, W] -> resized image; target boxes scaled alike."""
+        """image [3, H, W] -> resized image; target boxes (and masks, if any) scaled alike."""
         if self.training:  # torch's generator, so one seed fixes the whole step
             short = self.min_size[int(torch.rand(1).item() * len(self.min_size))]
         else:
@@ -48,6 +48,9 @@ class DetectionTransform(nn.Module):
                               recompute_scale_factor=True, align_corners=False)[0]
         if target is not None:
             target = dict(target, boxes=resize_boxes(target["boxes"], (h, w), image.shape[-2:]))
+            if "masks" in target:  # instance masks [N, H, W]: nearest, with the image's scale factor
+                masks = F.interpolate(target["masks"][:, None].float(), scale_factor=scale, recompute_scale_factor=True)
+                target["masks"] = masks[:, 0].byte()
         return image, target
 
     def forward(self, images, targets=None, resize: bool = True):
