@@ -169,16 +169,22 @@ def resolve_data(args):
 
 
 def build_datasets(args):
-    """Training set (optionally a --label-fraction subset) and validation set."""
-    train_set = CocoDetection(args.train_images, args.train_json, train_transforms(), remove_empty=True)
+    """Training set (optionally a --label-fraction subset) and validation set, with instance masks
+    for mask_rcnn."""
+    masks = args.detector == "mask_rcnn"
+    train_set = CocoDetection(args.train_images, args.train_json, train_transforms(), remove_empty=True, masks=masks)
     if args.label_fraction < 1.0:
         ids = label_fraction_split(train_set.ids, args.label_fraction, args.fold)
         train_set = CocoDetection(args.train_images, args.train_json, train_transforms(), image_ids=ids,
-                                  remove_empty=True)
-    val_set = CocoDetection(args.val_images, args.val_json, eval_transforms())
+                                  remove_empty=True, masks=masks)
+    val_set = CocoDetection(args.val_images, args.val_json, eval_transforms(), masks=masks)
     if args.max_val_images:
         val_set = CocoDetection(args.val_images, args.val_json, eval_transforms(),
-                                image_ids=val_set.ids[: args.max_val_images])
+                                image_ids=val_set.ids[: args.max_val_images], masks=masks)
+    counts = train_set.summary()
+    if masks and counts["kept_boxes"] and counts["missing_masks"] + counts["broken_masks"] == counts["kept_boxes"]:
+        sys.exit(f"finetune.py: --detector mask_rcnn needs instance masks, but no annotation in {args.train_json} "
+                 "has a usable 'segmentation' (polygons or RLE); train faster_rcnn on boxes only")
     if train_set.label_to_cat != val_set.label_to_cat:
         sys.exit("finetune.py: the training and validation jsons list different categories")
     if len(train_set) == 0:
@@ -228,8 +234,9 @@ class Evaluation:
         if main_proc:
             with open(os.path.join(self.args.output_dir, "metrics.json"), "w") as f:
                 json.dump(self.metrics, f, indent=1)
-            print(json.dumps({"epoch": epoch, "images": len(evaluator.results), "AP": round(stats["AP"], 4),
-                              "AP50": round(stats["AP50"], 4)}))
+            shown = ("AP", "AP50", "mask_AP", "mask_AP50")
+            print(json.dumps({"epoch": epoch, "images": len(evaluator.results),
+                              **{k: round(stats[k], 4) for k in shown if k in stats}}))
         return stats
 
 
@@ -281,7 +288,9 @@ def main(args):
         log(f"backbone feature cache: {model_without_ddp.feature_cache_hits} hits, "
             f"{model_without_ddp.feature_cache_misses} misses")
     if metrics:
-        log(f"final COCO AP on {args.val_json}: {metrics[-1]['AP']:.4f} (AP50 {metrics[-1]['AP50']:.4f})")
+        final = metrics[-1]
+        masks = f"; mask AP {final['mask_AP']:.4f} (AP50 {final['mask_AP50']:.4f})" if "mask_AP" in final else ""
+        log(f"final COCO AP on {args.val_json}: {final['AP']:.4f} (AP50 {final['AP50']:.4f}){masks}")
     dist_utils.cleanup()
     return metrics
 

@@ -20,6 +20,10 @@ Runbook
   python train_box.py --detector fcos --init outputs/image/checkpoint.pth --output-dir outputs/box_fcos
   python finetune.py --detector fcos --init outputs/box_fcos/checkpoint.pth --label-fraction 0.1
 
+  # Mask R-CNN: its box-domain stage is Faster R-CNN's (one checkpoint for both, as in the official code);
+  # the mask head starts fresh at fine-tuning
+  python finetune.py --detector mask_rcnn --init outputs/box/checkpoint.pth --label-fraction 0.1
+
   # DETR: first the proposals' pseudo-classes (k-means of stage-1 RoI features, docs/method.md §3.9),
   # then the same flags; the detector gets one class per cluster and AdamW (--preset's)
   python -m aligndet.data.proposals                      # the demo cache, if train_box.py has not built it yet
@@ -101,8 +105,9 @@ def get_args_parser():
 
     m = p.add_argument_group("model (the architecture is finetune.py's for the same --preset and --detector)")
     m.add_argument("--preset", choices=PRESET_NAMES, default="demo", help="architecture and schedule")
-    m.add_argument("--detector", choices=sorted(BOX_DOMAIN_DETECTORS), default="faster_rcnn",
-                   help="the detector whose neck and heads are pre-trained; fine-tune it with the same --detector")
+    m.add_argument("--detector", choices=sorted(BOX_DOMAIN_DETECTORS + ("mask_rcnn",)), default="faster_rcnn",
+                   help="the detector whose neck and heads are pre-trained; fine-tune it with the same --detector "
+                   "(mask_rcnn: use faster_rcnn's checkpoint)")
     m.add_argument("--backbone", help="resnet18 / resnet34 / resnet50 / resnet101")
     m.add_argument("--init", metavar="WEIGHTS", help="stage-1 backbone: train_image.py's checkpoint, "
                    "torchvision:<Enum>.<NAME> (e.g. torchvision:ResNet50_Weights.IMAGENET1K_V1), or a MoCo / SwAV / "
@@ -222,7 +227,14 @@ def embedding_head_options(args):
     return options
 
 
+MASK_RCNN_STAGE = ("Mask R-CNN's box-domain stage is Faster R-CNN's (the official code shares one checkpoint; the "
+                   "mask head starts fresh at fine-tuning): run train_box.py --detector faster_rcnn, then "
+                   "finetune.py --detector mask_rcnn --init <its checkpoint.pth>")
+
+
 def main(args):
+    if args.detector == "mask_rcnn":
+        sys.exit(f"train_box.py: {MASK_RCNN_STAGE}")
     check_detr_queries(args)
     device, rank, world, log = start_run(args)
     main_proc = dist_utils.is_main_process()

@@ -108,13 +108,14 @@ def load_pretrained(model, path, keep_heads=False, log=print, detector=None, ski
     ``source``: "detector" or "backbone".
 
     ``detector``: the registry name of ``model``; a train_box.py / finetune.py
-    checkpoint of another detector is refused (it would load only the backbone
+    checkpoint of another detector (but Faster R-CNN's for Mask R-CNN) is refused (it would load only the backbone
     and part of the neck).
     """
     checkpoint = load_checkpoint(path) if Path(path).is_file() else None
     if detector and isinstance(checkpoint, dict) and checkpoint.get("stage") in ("box", "finetune"):
         saved = checkpoint.get("detector") or (checkpoint.get("args") or {}).get("detector")
-        if saved and saved != detector:
+        # Mask R-CNN fine-tunes from Faster R-CNN's checkpoints (its box-domain stage is theirs; mask head fresh).
+        if saved and saved != detector and (saved, detector) != ("faster_rcnn", "mask_rcnn"):
             raise CheckpointError(f"{path} holds a {saved} ({checkpoint['stage']} stage); pass --detector {saved} "
                                   f"(got --detector {detector})")
     state = _state_dict_of(checkpoint) if isinstance(checkpoint, dict) else None

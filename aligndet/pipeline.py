@@ -4,6 +4,7 @@
     python -m aligndet.pipeline --out outputs/demo --label-fraction 0.1
     python -m aligndet.pipeline --detector fcos --out outputs/demo_fcos   # or retinanet
     python -m aligndet.pipeline --detector detr --out outputs/demo_detr
+    python -m aligndet.pipeline --detector mask_rcnn --out outputs/demo_mask   # box and mask AP
 
 Stages, each a plain script run as a subprocess (their own output shows):
 
@@ -11,7 +12,8 @@ Stages, each a plain script run as a subprocess (their own output shows):
 2. ``python -m aligndet.data.proposals``: selective search on the training scenes;
    for DETR then ``python -m aligndet.data.proposals cluster``: the proposals'
    pseudo-classes, k-means of stage 1's RoI features (docs/method.md §3.9);
-3. ``train_box.py --init stage 1``: box-domain pre-training of the detector (stage 2);
+3. ``train_box.py --init stage 1``: box-domain pre-training of the detector (stage 2;
+   Mask R-CNN's is Faster R-CNN's, as in the official code, and its mask head starts fresh);
 4. ``finetune.py`` with 10 % of the labels from (a) stage 1 alone and
    (b) stage 1 + stage 2, same seed and schedule.
 
@@ -46,6 +48,8 @@ OWN_SCHEDULE = ("detr",)
 # The demo cache's pseudo-classes for DETR (the paper clusters COCO into 256; 2,000 scenes need fewer).
 DEMO_CACHE, DEMO_CLUSTERS = "data/demo/proposals/train", 32
 RUNS = {"a": "(a) stage 1 only", "b": "(b) stage 1 + box-domain (AlignDet)"}
+# A detector whose box-domain stage is another's (docs/method.md §3.10).
+BOX_STAGE_OF = {"mask_rcnn": "faster_rcnn"}
 
 
 def finetune_command(detector, init, out, fraction, seed, epochs, lr_steps, eval_every, fold=0):
@@ -77,8 +81,8 @@ def stage_commands(out, fraction, seed, detector="faster_rcnn"):
          ["-m", "aligndet.data.proposals"]),
         *clusters,
         ("stage2", "stage 2: train_box.py (box-domain pre-training)",
-         ["train_box.py", "--detector", detector, "--init", os.path.join(image, "checkpoint.pth"), "--output-dir", box,
-          "--seed", str(seed), "--resume"]),
+         ["train_box.py", "--detector", BOX_STAGE_OF.get(detector, detector), "--init",
+          os.path.join(image, "checkpoint.pth"), "--output-dir", box, "--seed", str(seed), "--resume"]),
         ("finetune_a", f"fine-tune {fraction:.0%} labels from {RUNS['a']}",
          finetune(os.path.join(image, "checkpoint.pth"), "ft_a")),
         ("finetune_b", f"fine-tune {fraction:.0%} labels from {RUNS['b']}",
@@ -210,7 +214,7 @@ def run_stages(out, fraction, seed, detector="faster_rcnn", side_by_side=True):
 
 
 DETECTOR_NAMES = {"faster_rcnn": "Faster R-CNN R18-FPN", "retinanet": "RetinaNet R18-FPN", "fcos": "FCOS R18-FPN",
-                  "detr": "DETR R18"}
+                  "detr": "DETR R18", "mask_rcnn": "Mask R-CNN R18-FPN"}
 
 
 def report(out, seconds, fraction, detector="faster_rcnn", total_seconds=None):
@@ -220,16 +224,22 @@ def report(out, seconds, fraction, detector="faster_rcnn", total_seconds=None):
     results = {k: json.load(open(os.path.join(out, f"ft_{k}", "metrics.json"))) for k in RUNS}
     minutes = {k: v / 60 for k, v in seconds.items()}
     clusters = minutes.get("clusters", 0.0)  # DETR's pseudo-classes, part of its stage 2
+    masks = "mask_AP" in results["a"][-1]  # Mask R-CNN: mask AP next to box AP
+
+    def row(key, pretraining):
+        final = results[key][-1]
+        mask = f" {final['mask_AP']:.3f} | {final['mask_AP50']:.3f} |" if masks else ""
+        return (f"| {RUNS[key]} | {final['AP']:.3f} | {final['AP50']:.3f} |{mask} {pretraining:.1f} | "
+                f"{minutes['finetune_' + key]:.1f} |")
+
     lines = [
         f"AlignDet on the demo dataset: {DETECTOR_NAMES[detector]} fine-tuned on {fraction:.0%} of the labels",
         "",
-        "| fine-tuned from | AP | AP50 | pre-training min | fine-tuning min |",
-        "|---|---|---|---|---|",
-        f"| {RUNS['a']} | {results['a'][-1]['AP']:.3f} | {results['a'][-1]['AP50']:.3f} | "
-        f"{minutes['stage1']:.1f} | {minutes['finetune_a']:.1f} |",
-        f"| {RUNS['b']} | {results['b'][-1]['AP']:.3f} | {results['b'][-1]['AP50']:.3f} | "
-        f"{minutes['stage1'] + minutes['proposals'] + clusters + minutes['stage2']:.1f} | "
-        f"{minutes['finetune_b']:.1f} |",
+        f"| fine-tuned from | AP | AP50 |{' mask AP | mask AP50 |' if masks else ''} pre-training min | "
+        "fine-tuning min |",
+        f"|---|---|---|{'---|---|' if masks else ''}---|---|",
+        row("a", minutes["stage1"]),
+        row("b", minutes["stage1"] + minutes["proposals"] + clusters + minutes["stage2"]),
         "",
         f"stage 1 val top-1 {image_metrics[-1]['top1']:.3f}; minutes: stage 1 {minutes['stage1']:.1f}, "
         f"proposals {minutes['proposals']:.1f}, {f'clusters {clusters:.1f}, ' if 'clusters' in minutes else ''}"
@@ -240,6 +250,9 @@ def report(out, seconds, fraction, detector="faster_rcnn", total_seconds=None):
     ]
     panels = {f"{fraction:.0%} labels: AP vs fine-tuning epoch":
               {RUNS[k]: [(m["epoch"], m["AP"]) for m in v] for k, v in results.items()}}
+    if masks:
+        panels[f"{fraction:.0%} labels: mask AP vs fine-tuning epoch"] = {
+            RUNS[k]: [(m["epoch"], m["mask_AP"]) for m in v] for k, v in results.items()}
     png = os.path.join(out, "curves.png")
     ap_curves_figure(panels, colours={RUNS["a"]: CURVE_COLOURS[1], RUNS["b"]: CURVE_COLOURS[2]}).save(png)
     lines.append(f"curves: {png}")

@@ -9,8 +9,8 @@ candidate passes the score threshold; the demo RetinaNet with the standard
 head, as in benchmarks/speed.py), convert it with
 ``aligndet.convert.to_torchvision``, and compare on the same random images:
 
-- detections in eval mode: count per image, max |difference| of boxes (pixels)
-  and scores over the matched lists, labels equal;
+- detections in eval mode: count per image, max |difference| of boxes (pixels),
+  scores and (Mask R-CNN) pasted mask probabilities over the matched lists, labels equal;
 - training losses on images that need no resizing (same seed, so Faster
   R-CNN samples the same anchors and RoIs): max relative difference per term.
 
@@ -31,7 +31,8 @@ from speed import SIZES, confident, convertible, make_inputs, setting_for  # noq
 # torchvision's names for our loss terms.
 TV_LOSSES = {"loss_objectness": "loss_objectness", "loss_rpn_box_reg": "loss_rpn_box_reg",
              "loss_classifier": ("loss_classifier", "classification"),
-             "loss_box_reg": ("loss_box_reg", "bbox_regression"), "loss_centerness": "bbox_ctrness"}
+             "loss_box_reg": ("loss_box_reg", "bbox_regression"), "loss_centerness": "bbox_ctrness",
+             "loss_mask": "loss_mask"}
 
 
 def _their_name(name, theirs):
@@ -54,9 +55,14 @@ def compare(detector, setting):
     box_diff = max((float((x["boxes"] - y["boxes"]).abs().max()) for x, y in same if len(x["boxes"])), default=0.0)
     score_diff = max((float((x["scores"] - y["scores"]).abs().max()) for x, y in same if len(x["boxes"])), default=0.0)
     labels_equal = all(torch.equal(x["labels"], y["labels"]) for x, y in same)
+    masks = ""
+    if "masks" in a[0]:  # mask probabilities pasted into the image, per pixel
+        mask_diff = max((float((x["masks"] - y["masks"]).abs().max()) for x, y in same if len(x["boxes"])), default=0)
+        masks = f", max |d mask| {mask_diff:.2e}"
     print(f"{detector:11s} {setting:5s} eval: detections per image ours/theirs "
           f"{', '.join(f'{p}/{q}' for p, q in counts[:4])}{' ...' if len(counts) > 4 else ''}; "
-          f"max |d box| {box_diff:.2e} px, max |d score| {score_diff:.2e}, labels equal {labels_equal}", flush=True)
+          f"max |d box| {box_diff:.2e} px, max |d score| {score_diff:.2e}{masks}, labels equal {labels_equal}",
+          flush=True)
 
     # Training losses at the resized size, so that neither model resizes.
     scale = min(ours.transform.min_size[-1] / min(cfg["image_size"]), ours.transform.max_size / max(cfg["image_size"]))

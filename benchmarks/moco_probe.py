@@ -13,6 +13,8 @@ It trains ``aligndet.pretrain.moco.MoCo`` with ``train_image.py``'s demo MoCo v2
 batch 64, SGD lr 0.24 per 256, one warm-up epoch then cosine over ``--total-epochs``, queue
 1,024, m 0.99, T 0.2) and prints, every epoch, the loss, the instance top-1 and the k-NN top-1
 on the digit classes of the 1,000 val object images (bank: the training images as stored).
+``--optimizer adamw`` trains with the demo supervised preset's AdamW instead (lr 0.016 per 256, wd 0.05);
+``--crop-scale`` and ``--blur-sigma`` change MoCo v2's crops and blur.
 ``--in-batch-negatives`` adds the current batch's other keys to the queue's negatives: then a
 positive cannot win only by being the one key in its logits made by this step's key encoder.
 
@@ -110,6 +112,12 @@ def main():
     p.add_argument("--shuffle-splits", type=int, default=8, help="shuffle-BN groups (the demo preset's 8)")
     p.add_argument("--epochs", type=int, default=3, help="epochs to run")
     p.add_argument("--total-epochs", type=int, default=10, help="length of the cosine schedule")
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd",
+                   help="sgd: the demo MoCo v2 preset's; adamw: the demo supervised preset's")
+    p.add_argument("--lr", type=float, help="per 256 images (default: 0.24 for sgd, 0.016 for adamw)")
+    p.add_argument("--weight-decay", type=float, help="default: 5e-4 for sgd, 0.05 for adamw")
+    p.add_argument("--crop-scale", type=float, nargs=2, default=(0.2, 1.0), help="random-resized-crop area range")
+    p.add_argument("--blur-sigma", type=float, nargs=2, default=(0.1, 2.0), help="Gaussian-blur sigma range (px)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -118,7 +126,8 @@ def main():
     parts = demo.fetch_parts()
     train, backgrounds = demo_object_layers(parts, "train", 4000)
     val, _ = demo_object_layers(parts, "val", 1000)
-    view = build_moco_v2_transform(64, (0.2, 1.0), blur_sigma=(0.1, 2.0), jitter_strength=0.5, grayscale=0.2)
+    view = build_moco_v2_transform(64, tuple(args.crop_scale), blur_sigma=tuple(args.blur_sigma), jitter_strength=0.5,
+                                   grayscale=0.2)
     evaluation = classification_eval_transforms(64, 64)
     bank, val_set = stored_set(train, evaluation), stored_set(val, evaluation)
 
@@ -126,8 +135,11 @@ def main():
     resnet.fc = torch.nn.Identity()
     model = (InBatchMoCo if args.in_batch_negatives else MoCo)(
         resnet, 512, queue_size=1024, momentum=0.99, temperature=0.2, shuffle_splits=args.shuffle_splits)
-    base_lr = 0.24 * 64 / 256
-    optimizer = build_optimizer(model, SimpleNamespace(optimizer="sgd", weight_decay=5e-4, momentum=0.9), base_lr)
+    adamw = args.optimizer == "adamw"
+    base_lr = (args.lr or (0.016 if adamw else 0.24)) * 64 / 256
+    weight_decay = args.weight_decay if args.weight_decay is not None else (0.05 if adamw else 5e-4)
+    optimizer = build_optimizer(model, SimpleNamespace(optimizer=args.optimizer, weight_decay=weight_decay,
+                                                       momentum=0.9), base_lr)
     loader = torch.utils.data.DataLoader(SwappedViews(train, backgrounds, view, args.swap, args.recolour),
                                          batch_size=64, shuffle=True, drop_last=True)
     per_epoch, step = len(loader), 0

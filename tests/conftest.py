@@ -164,3 +164,24 @@ def fake_runs(monkeypatch, calls, codes=None):
         return FakeProcess(events, codes or {})(argv, **kwargs)
     monkeypatch.setattr(pipeline.subprocess, "Popen", popen)
     return events
+
+
+# A demo build of 8 + 4 scenes (tests/test_demo.py and the finetune.py tests that need real demo data).
+TINY_DEMO = dict(num_train=8, num_val=4, num_objects_train=20, num_objects_val=10, progress=False)
+
+
+@pytest.fixture(scope="session")
+def parts():
+    """The demo's real parts, fetched once into the user cache."""
+    from aligndet.data import demo
+
+    return demo.fetch_parts()
+
+
+@pytest.fixture(scope="session")
+def tiny_build(parts, tmp_path_factory):
+    """(folder, manifest) of a tiny demo build, seed 0."""
+    from aligndet.data import demo
+
+    out = str(tmp_path_factory.mktemp("demo_a"))
+    return out, demo.build_demo(out, seed=0, **TINY_DEMO)

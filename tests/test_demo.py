@@ -10,20 +10,9 @@ import torch
 
 import finetune
 from aligndet.data import demo
+from aligndet.data.masks import decode
 
-TINY = dict(num_train=8, num_val=4, num_objects_train=20, num_objects_val=10, progress=False)
-
-
-@pytest.fixture(scope="session")
-def parts():
-    """The real parts, fetched once into the user cache."""
-    return demo.fetch_parts()
-
-
-@pytest.fixture(scope="session")
-def tiny_build(parts, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("demo_a"))
-    return out, demo.build_demo(out, seed=0, **TINY)
+from conftest import TINY_DEMO as TINY
 
 
 def _files(root):
@@ -71,6 +60,23 @@ def test_scenes_and_boxes(tiny_build):
                 for j in range(i):
                     assert demo._box_iou(xyxy[i], xyxy[j]) <= 0.2
         assert all(1 <= a["category_id"] <= 10 and a["iscrowd"] == 0 for a in coco["annotations"])
+
+
+def test_instance_masks_are_the_visible_digit_pixels_in_their_boxes(tiny_build):
+    out, _ = tiny_build
+    with open(os.path.join(out, "annotations", "instances_train.json")) as f:
+        coco = json.load(f)
+    for image in coco["images"]:
+        anns = [a for a in coco["annotations"] if a["image_id"] == image["id"]]
+        masks = np.stack([decode(a["segmentation"], 128, 128) for a in anns])
+        assert masks.sum(0).max() == 1  # each pixel belongs to one digit at most
+        for k, a in enumerate(anns):
+            x, y, w, h = a["bbox"]
+            ys, xs = np.nonzero(masks[k])
+            assert len(xs) > 0 and xs.min() >= x and ys.min() >= y and xs.max() < x + w and ys.max() < y + h
+            later = [b["bbox"] for b in anns[k + 1:]]  # pasted after this digit, so drawn over it
+            if not any(bx < x + w and x < bx + bw and by < y + h and y < by + bh for bx, by, bw, bh in later):
+                assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (x, y, x + w, y + h)
 
 
 def test_box_is_tight_around_the_digit(parts):
@@ -146,3 +152,28 @@ def test_finetune_runs_on_a_tiny_demo_build(tiny_build, tmp_path):
     assert ckpt["label_to_cat"] == {d: d for d in range(1, 11)}
     with open(os.path.join(out, "manifest.json")) as f:  # the tiny build was used, not replaced
         assert json.load(f) == manifest
+
+
+def test_an_older_build_without_masks_is_rebuilt_with_its_own_sizes(parts, tmp_path):
+    out = str(tmp_path / "old")
+    demo.build_demo(out, seed=3, **TINY)
+    manifest_path = os.path.join(out, "manifest.json")
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    manifest["params"]["version"] = 1  # as a build before instance masks was written
+    with open(manifest_path, "w") as f:
+        json.dump(manifest, f)
+    json_path = os.path.join(out, "annotations", "instances_train.json")
+    with open(json_path) as f:
+        coco = json.load(f)
+    for a in coco["annotations"]:
+        del a["segmentation"]
+    with open(json_path, "w") as f:
+        json.dump(coco, f)
+    assert demo.ensure_demo(out) == out
+    with open(json_path) as f:
+        assert all("segmentation" in a for a in json.load(f)["annotations"])
+    with open(manifest_path) as f:
+        params = json.load(f)["params"]
+    assert params == dict(version=demo.DEMO_VERSION, num_train=8, num_val=4, num_objects_train=20,
+                          num_objects_val=10, seed=3)

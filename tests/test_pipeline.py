@@ -39,6 +39,25 @@ def test_detector_reaches_stage2_and_both_finetunes(tmp_path, monkeypatch):
     assert "--detector" not in calls[0]  # stage 1 trains a backbone only
 
 
+def test_mask_rcnn_uses_faster_rcnn_stage2_and_reports_mask_ap(tmp_path, monkeypatch):
+    calls = []
+    fake_runs(monkeypatch, calls)
+    pipeline.run_stages(str(tmp_path / "demo"), 0.1, seed=0, detector="mask_rcnn")
+    assert [c[c.index("--detector") + 1] for c in calls if "--detector" in c] == ["faster_rcnn", "mask_rcnn",
+                                                                                  "mask_rcnn"]
+    out = tmp_path / "report"
+    for name, metrics in {"image": [{"epoch": 8, "top1": 0.84}],
+                          "ft_a": [{"epoch": 20, "AP": 0.35, "AP50": 0.6, "mask_AP": 0.3, "mask_AP50": 0.55}],
+                          "ft_b": [{"epoch": 20, "AP": 0.38, "AP50": 0.65, "mask_AP": 0.32, "mask_AP50": 0.6}]}.items():
+        os.makedirs(out / name)
+        json.dump(metrics, open(out / name / "metrics.json", "w"))
+    seconds = {"stage1": 120, "proposals": 60, "stage2": 480, "finetune_a": 180, "finetune_b": 180}
+    text = pipeline.report(str(out), seconds, 0.1, detector="mask_rcnn")
+    assert "| fine-tuned from | AP | AP50 | mask AP | mask AP50 | pre-training min | fine-tuning min |" in text
+    assert "| (b) stage 1 + box-domain (AlignDet) | 0.380 | 0.650 | 0.320 | 0.600 | 11.0 | 3.0 |" in text
+    assert "Mask R-CNN" in text
+
+
 def test_a_failed_stage_stops_with_its_name_and_is_not_recorded(tmp_path, monkeypatch):
     codes = iter([0, 0, 3])
     monkeypatch.setattr(pipeline.subprocess, "call", lambda argv, cwd: next(codes))

