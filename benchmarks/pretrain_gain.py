@@ -19,6 +19,7 @@ writes a PNG of AP against fine-tuning epoch.
     python benchmarks/pretrain_gain.py                           # every fraction (a few hours)
     python benchmarks/pretrain_gain.py --runs a b --fractions 0.1  # a subset of the runs
     python benchmarks/pretrain_gain.py --detector fcos --runs a b --fractions 0.1  # RetinaNet / FCOS
+    python benchmarks/pretrain_gain.py --detector mask_rcnn --runs a b --fractions 0.1  # box and mask AP
 
 Ablations: ``--tag NAME`` names a variant; its stage 2 and fine-tuning runs get
 their own folders in the same workdir, next to the shared stage 1 and the
@@ -43,7 +44,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from aligndet.pipeline import Stages, finetune_command  # noqa: E402
+from aligndet.pipeline import BOX_STAGE_OF, Stages, finetune_command  # noqa: E402
 from aligndet.visualize import CURVE_COLOURS, ap_curves_figure  # noqa: E402
 
 # Fine-tuning schedule per label fraction: (epochs, lr step epochs, evaluate every N epochs, folds).
@@ -186,8 +187,9 @@ def main():
     p.add_argument("--workdir", default="outputs/pretrain_gain", help="all runs go here; finished runs are reused")
     p.add_argument("--fractions", type=float, nargs="+", default=sorted(SCHEDULES, reverse=True))
     p.add_argument("--runs", nargs="+", choices=sorted(RUNS), default=list(RUNS), help="which initialisations")
-    p.add_argument("--detector", choices=["faster_rcnn", "retinanet", "fcos"], default="faster_rcnn",
-                   help="stage 2 and fine-tuning of this detector; stage 1 is shared by all in one --workdir")
+    p.add_argument("--detector", choices=["faster_rcnn", "mask_rcnn", "retinanet", "fcos"], default="faster_rcnn",
+                   help="stage 2 and fine-tuning of this detector; stage 1 is shared by all in one --workdir "
+                   "(mask_rcnn: fine-tuning only, from faster_rcnn's stage 2, which it shares)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--box-args", type=shlex.split, default=[],
                    help='extra train_box.py arguments, one quoted string: --box-args="--num-samples 2048"')
@@ -214,6 +216,8 @@ def main():
     w, seed = args.workdir, ["--seed", str(args.seed)]
     stages = Stages(w)
     suffix = "" if args.detector == "faster_rcnn" else "_" + args.detector  # one workdir holds every detector
+    box_detector = BOX_STAGE_OF.get(args.detector, args.detector)
+    box_suffix = "" if box_detector == "faster_rcnn" else "_" + box_detector
     tag = f"_{args.tag}" if args.tag else ""
     box_tag = tag if args.box_args else ""  # a variant of fine-tuning only reuses the untagged stage 2
     inits = {"c": None}
@@ -231,12 +235,13 @@ def main():
         print(f"stage 1 (MoCo v2): val k-NN top-1 {knn:.3f}", flush=True)
     if "b" in args.runs:
         inits["b"] = stage(stages, "stage 2 (train_box.py)",
-                           ["train_box.py", "--detector", args.detector, "--init", inits["a"], *seed, *args.box_args],
-                           os.path.join(w, f"stage2{suffix}{box_tag}"), os.path.join(w, f"stage2{suffix}{box_tag}.log"))
+                           ["train_box.py", "--detector", box_detector, "--init", inits["a"], *seed, *args.box_args],
+                           os.path.join(w, f"stage2{box_suffix}{box_tag}"),
+                           os.path.join(w, f"stage2{box_suffix}{box_tag}.log"))
     if "e" in args.runs:
-        box_moco = os.path.join(w, f"stage2_moco{suffix}{box_tag or moco_tag}")
+        box_moco = os.path.join(w, f"stage2_moco{box_suffix}{box_tag or moco_tag}")
         inits["e"] = stage(stages, "stage 2 on MoCo v2 (train_box.py)",
-                           ["train_box.py", "--detector", args.detector, "--init", inits["d"], *seed, *args.box_args],
+                           ["train_box.py", "--detector", box_detector, "--init", inits["d"], *seed, *args.box_args],
                            box_moco, box_moco + ".log")
 
     runs = [r for r in RUNS if r in args.runs]
@@ -252,7 +257,9 @@ def main():
                 out = os.path.join(w, f"ft_{name}_{fraction:g}_fold{fold}{suffix}{tag if changed else ''}")
                 extra = args.finetune_args + (args.transfer_args if name in "be" else [])
                 results[name] = finetune(stages, inits[name], out, fraction, fold, args.seed, args.detector, extra)
-                print(f"fraction {fraction:g} fold {fold} {RUNS[name]}: AP {results[name][-1]['AP']:.4f}", flush=True)
+                final = results[name][-1]
+                masks = f", mask AP {final['mask_AP']:.4f}" if "mask_AP" in final else ""
+                print(f"fraction {fraction:g} fold {fold} {RUNS[name]}: AP {final['AP']:.4f}{masks}", flush=True)
                 if fold == folds[0]:
                     title = f"{args.detector}, {fraction:.0%} labels, fold {fold}: AP vs fine-tuning epoch"
                     panels.setdefault(title, {})[RUNS[name]] = [(m["epoch"], m["AP"]) for m in results[name]]
@@ -260,7 +267,7 @@ def main():
 
     print_table(rows, runs, args.fractions)
     if "a" in runs and "b" in runs:
-        record_ablation(w, args, rows, os.path.join(w, f"stage2{suffix}{box_tag}"))
+        record_ablation(w, args, rows, os.path.join(w, f"stage2{box_suffix}{box_tag}"))
     png = os.path.join(w, f"ap_curves{suffix}.png")
     colours = dict(zip(RUNS.values(), [CURVE_COLOURS[i] for i in (0, 1, 3, 2, 4)]))  # (b) orange, as in make demo
     ap_curves_figure(panels, width=max(900, 450 * len(panels)), colours=colours).save(png)

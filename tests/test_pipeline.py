@@ -217,6 +217,20 @@ def test_gain_benchmark_runs_each_stage_once_and_both_arms_on_one_schedule(tmp_p
 
 
 
+def test_gain_benchmark_mask_rcnn_fine_tunes_from_the_shared_faster_rcnn_stage2(tmp_path, monkeypatch):
+    pretrain_gain, calls = fake_gain_benchmark(monkeypatch, {"epoch": 8, "top1": 0.8}, (20, 40))
+    base = ["pretrain_gain.py", "--workdir", str(tmp_path / "gain"), "--runs", "a", "b", "--fractions", "0.1"]
+    monkeypatch.setattr("sys.argv", base)
+    pretrain_gain.main()  # Faster R-CNN first: its stage 2 ...
+    calls.clear()
+    monkeypatch.setattr("sys.argv", base + ["--detector", "mask_rcnn"])
+    pretrain_gain.main()  # ... is Mask R-CNN's too: only its four fine-tunings run
+    assert [c[0] for c in calls] == ["finetune.py"] * 4
+    assert all(c[c.index("--detector") + 1] == "mask_rcnn" for c in calls)
+    assert all(c[c.index("--output-dir") + 1].endswith("_mask_rcnn") for c in calls)
+    assert calls[1][calls[1].index("--init") + 1].endswith(os.path.join("gain", "stage2", "checkpoint.pth"))
+
+
 def test_gain_benchmark_self_supervised_rows(tmp_path, monkeypatch):
     """(d) fine-tunes the MoCo v2 stage 1 and (e) a stage 2 started from it; --moco-args with a tag gives
     that recipe its own stage 1, stage 2 and runs."""
