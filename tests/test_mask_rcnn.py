@@ -187,7 +187,7 @@ def test_images_without_objects_train_and_masks_can_be_invalid():
     assert all(torch.isfinite(v.detach()) for v in losses.values()) and float(losses["loss_mask"].detach()) > 0
     targets[1]["mask_valid"] = torch.tensor([False])  # no usable mask left: the box heads still train
     losses = model(images, targets)
-    assert float(losses["loss_mask"]) == 0.0 and float(losses["loss_box_reg"]) > 0
+    assert losses["loss_mask"].item() == 0.0 and losses["loss_box_reg"].item() > 0
     model.eval()
     with torch.no_grad():
         model.roi_heads.score_thresh = 1.1  # nothing passes
