@@ -169,18 +169,18 @@ def resolve_data(args):
 
 
 def build_datasets(args):
-    """Training set (optionally a --label-fraction subset) and validation set, with instance masks
-    for mask_rcnn."""
+    """Training set (optionally a --label-fraction subset) and validation set; for mask_rcnn the
+    training set reads instance masks (the validation masks come from the json, in COCOeval)."""
     masks = args.detector == "mask_rcnn"
     train_set = CocoDetection(args.train_images, args.train_json, train_transforms(), remove_empty=True, masks=masks)
     if args.label_fraction < 1.0:
         ids = label_fraction_split(train_set.ids, args.label_fraction, args.fold)
         train_set = CocoDetection(args.train_images, args.train_json, train_transforms(), image_ids=ids,
                                   remove_empty=True, masks=masks)
-    val_set = CocoDetection(args.val_images, args.val_json, eval_transforms(), masks=masks)
+    val_set = CocoDetection(args.val_images, args.val_json, eval_transforms())
     if args.max_val_images:
         val_set = CocoDetection(args.val_images, args.val_json, eval_transforms(),
-                                image_ids=val_set.ids[: args.max_val_images], masks=masks)
+                                image_ids=val_set.ids[: args.max_val_images])
     counts = train_set.summary()
     if masks and counts["kept_boxes"] and counts["missing_masks"] + counts["broken_masks"] == counts["kept_boxes"]:
         sys.exit(f"finetune.py: --detector mask_rcnn needs instance masks, but no annotation in {args.train_json} "

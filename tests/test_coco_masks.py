@@ -99,3 +99,24 @@ def test_polygon_outside_the_image_is_clipped(tmp_path):
     assert target["mask_valid"].tolist() == [True]
     ys, xs = torch.nonzero(target["masks"][0], as_tuple=True)
     assert xs.max() == W - 1 and ys.max() == H - 1 and target["masks"][0].sum() == 10 * 10
+
+
+def test_image_of_another_size_than_the_json_keeps_polygons_and_drops_rles(tmp_path, caplog):
+    """Polygons rasterise at the real size; an RLE made for the json's size cannot fit it (warned, no mask)."""
+    import io
+
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((H + 10, W, 3), np.uint8)).save(png, format="PNG")
+    rle = encode(_raster(POLYGON, H, W)[None])[0]
+    image_dir, ann_file = write_coco(tmp_path, [ann(1, [4, 3, 26, 21], segmentation=[POLYGON]),
+                                                ann(1, [4, 3, 26, 21], segmentation=rle)],
+                                     images=[{"id": 1, "file_name": "1.png", "width": W, "height": H}],
+                                     files={"1.png": png.getvalue()})
+    ds = CocoDetection(image_dir, ann_file, masks=True)
+    with caplog.at_level(logging.WARNING):
+        _, target = ds[0]
+    assert target["masks"].shape == (2, H + 10, W) and target["mask_valid"].tolist() == [True, False]
+    assert np.array_equal(target["masks"][0].numpy(), _raster(POLYGON, H + 10, W))
+    assert "does not fit" in caplog.text

@@ -1,10 +1,11 @@
-"""Our Faster R-CNN equals torchvision's with the same weights and settings."""
+"""Our Faster R-CNN equals torchvision's with the same weights and settings (and so does our Mask R-CNN
+converted from torchvision's builder; the rest of Mask R-CNN's equivalence is in test_mask_rcnn.py)."""
 import pytest
 import torch
 from torchvision.models.detection import FasterRCNN as TVFasterRCNN
 
 from aligndet.convert import from_torchvision, to_torchvision
-from aligndet.models import build_detector
+from aligndet.models import FasterRCNN, MaskRCNN, build_detector
 from conftest import assert_same_detections
 
 SMALL = dict(min_size=128, max_size=192, fpn_channels=64, representation_size=128,
@@ -71,13 +72,16 @@ def test_training_losses_match_torchvision():
                                tv.roi_heads.box_predictor.bbox_pred.weight.grad, rtol=1e-3, atol=1e-6)
 
 
-def test_from_torchvision_builder_model(tmp_path):
+@pytest.mark.parametrize("builder, ours", [("fasterrcnn_resnet50_fpn", FasterRCNN),
+                                           ("maskrcnn_resnet50_fpn", MaskRCNN)])
+def test_from_torchvision_builder_model(tmp_path, builder, ours):
     """A model made by torchvision's own builder (as for its COCO checkpoints),
-    with weights saved to and loaded from a local file, converts and agrees."""
+    with weights saved to and loaded from a local file, converts and agrees
+    (Mask R-CNN: masks too)."""
     import torchvision
 
     torch.manual_seed(8)
-    tv = torchvision.models.detection.fasterrcnn_resnet50_fpn(
+    tv = getattr(torchvision.models.detection, builder)(
         weights=None, weights_backbone=None, num_classes=91, min_size=160, max_size=224,
         rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=300)
     torch.nn.init.normal_(tv.roi_heads.box_predictor.cls_score.weight, std=0.3)
@@ -85,7 +89,7 @@ def test_from_torchvision_builder_model(tmp_path):
     tv.load_state_dict(torch.load(tmp_path / "tv.pth", weights_only=True))
     tv.eval()
     model = from_torchvision(tv).eval()
-    assert model.num_classes == 90
+    assert type(model) is ours and model.num_classes == 90
     assert [p.requires_grad for p in model.parameters()] == [p.requires_grad for p in tv.parameters()]
     images = _images(seed=9)
     with torch.no_grad():

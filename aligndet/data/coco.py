@@ -184,7 +184,8 @@ class CocoDetection(torch.utils.data.Dataset):
 
         boxes = torch.from_numpy(self._boxes[index].copy())  # [N, 4] xyxy pixels
         info = self.coco.imgs[image_id]
-        if (info.get("width"), info.get("height")) != (image.width, image.height):
+        json_size = (info.get("width"), info.get("height")) == (image.width, image.height)
+        if not json_size:
             self._warn("size", "image %s is %dx%d but the json says %sx%s; clipping boxes to "
                        "the real size", path, image.width, image.height,
                        info.get("width"), info.get("height"))
@@ -198,7 +199,7 @@ class CocoDetection(torch.utils.data.Dataset):
             "image_id": image_id,
         }
         if self.masks:
-            masks, valid = self._decode_masks(index, image.height, image.width)
+            masks, valid = self._decode_masks(index, image.height, image.width, json_size)
             target["masks"], target["mask_valid"] = tv_tensors.Mask(masks[keep]), valid[keep]
         if self.transforms is not None:
             image, target = self.transforms(image, target)
@@ -212,15 +213,18 @@ class CocoDetection(torch.utils.data.Dataset):
             target["masks"] = target["masks"].as_subclass(torch.Tensor).to(torch.uint8)
         return image, target
 
-    def _decode_masks(self, index, height, width):
-        """uint8 [N, H, W] masks of image ``index`` at its real size, and bool [N] valid flags."""
+    def _decode_masks(self, index, height, width, json_size):
+        """uint8 [N, H, W] masks of image ``index`` at its real size, and bool [N] valid flags.
+        ``json_size``: the image has the json's size, which the segmentations were checked against."""
         masks = np.zeros((len(self._segmentations[index]), height, width), dtype=np.uint8)
         valid = np.zeros(len(masks), dtype=bool)
         for i, segmentation in enumerate(self._segmentations[index]):
+            if segmentation is None:
+                continue
             # Polygons rasterise at any size; an RLE of the json's size cannot fit another.
-            if segmentation is not None and segmentation_problem(segmentation, height, width) is None:
+            if json_size or segmentation_problem(segmentation, height, width) is None:
                 masks[i], valid[i] = decode(segmentation, height, width), True
-            elif segmentation is not None:
+            else:
                 self._warn("mask size", "image id %d: an RLE mask of the json's size does not fit the %dx%d "
                            "image; training that instance without a mask", self.ids[index], width, height)
         return torch.from_numpy(masks), torch.from_numpy(valid)

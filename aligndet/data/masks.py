@@ -24,15 +24,15 @@ def segmentation_problem(segmentation, height, width):
         if not segmentation:
             return "empty polygon"
         for polygon in segmentation:
+            if isinstance(polygon, (list, tuple)) and not polygon:
+                return "empty polygon"
             if (not isinstance(polygon, (list, tuple)) or len(polygon) < 6 or len(polygon) % 2
                     or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in polygon)):
-                return "empty polygon" if isinstance(polygon, (list, tuple)) and not polygon else "malformed polygon"
+                return "malformed polygon"
         return None
     if isinstance(segmentation, dict):
         size, counts = segmentation.get("size"), segmentation.get("counts")
-        if not isinstance(size, (list, tuple)) or len(size) != 2 or counts is None:
-            return "malformed RLE"
-        if not isinstance(counts, (list, str, bytes)):
+        if not isinstance(size, (list, tuple)) or len(size) != 2 or not isinstance(counts, (list, str, bytes)):
             return "malformed RLE"
         if height is None or width is None:  # the json gives no size: checked against the decoded image later
             return None
@@ -51,10 +51,9 @@ def decode(segmentation, height, width):
         rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
     elif isinstance(segmentation["counts"], list):
         rle = mask_utils.frPyObjects(segmentation, height, width)  # uncompressed -> compressed
-    else:
-        rle = dict(segmentation, counts=segmentation["counts"])
-        if isinstance(rle["counts"], str):
-            rle["counts"] = rle["counts"].encode("ascii")
+    else:  # compressed; pycocotools wants its counts as bytes
+        counts = segmentation["counts"]
+        rle = dict(segmentation, counts=counts.encode("ascii") if isinstance(counts, str) else counts)
     return np.ascontiguousarray(mask_utils.decode(rle), dtype=np.uint8)
 
 

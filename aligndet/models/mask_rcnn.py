@@ -128,25 +128,16 @@ class MaskRoIHeads(RoIHeads):
             for det, p in zip(detections, probs.split([len(d["boxes"]) for d in detections])):
                 det["masks"] = p
             return detections, {}
-        if targets is None:
-            raise ValueError("targets are needed in training mode")
-        proposals, labels, target_deltas, matched = self.sample_proposals(proposals, targets)
-        class_logits, box_deltas = self.box_predictor(self.box_features(features, proposals, image_sizes))
-        losses = self.compute_loss(class_logits, box_deltas, labels, target_deltas)
-        boxes, classes, goals = [], [], []
-        for props, lab, idx, target in zip(proposals, labels, matched, targets):
+        losses, proposals, labels, matched = self.box_losses(features, proposals, image_sizes, targets)
+        keeps = []  # per image: the positive RoIs whose instance has a usable mask
+        for idx, target in zip(matched, targets):
             valid = target.get("mask_valid")
-            keep = idx >= 0 if valid is None else (idx >= 0) & valid[idx.clamp(min=0)]
-            boxes.append(props[keep])
-            classes.append(lab[keep])
-            goals.append(mask_targets(target["masks"], props[keep], idx[keep], self.mask_predictor_size()))
-        logits = self.mask_logits(features, boxes, image_sizes)
-        losses["loss_mask"] = mask_loss(logits, torch.cat(classes), torch.cat(goals))
+            keeps.append(idx >= 0 if valid is None else (idx >= 0) & valid[idx.clamp(min=0)])
+        logits = self.mask_logits(features, [p[k] for p, k in zip(proposals, keeps)], image_sizes)
+        goals = [mask_targets(t["masks"], p[k], i[k], logits.shape[-1])
+                 for p, i, k, t in zip(proposals, matched, keeps, targets)]
+        losses["loss_mask"] = mask_loss(logits, torch.cat([lab[k] for lab, k in zip(labels, keeps)]), torch.cat(goals))
         return [], losses
-
-    def mask_predictor_size(self) -> int:
-        """Side of the predicted mask: twice the pooled side (the 2x transposed conv)."""
-        return 2 * self.mask_roi_pool.output_size[0]
 
 
 class MaskRCNN(FasterRCNN):

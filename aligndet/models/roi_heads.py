@@ -127,14 +127,19 @@ class RoIHeads(nn.Module):
             results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
         return results
 
+    def box_losses(self, features, proposals, image_sizes, targets):
+        """Training: sample the proposals, then the box losses. Returns (losses, and per image the
+        sampled proposals, their labels and matched gt indices, which the mask branch reuses)."""
+        if targets is None:
+            raise ValueError("targets are needed in training mode")
+        proposals, labels, target_deltas, matched = self.sample_proposals(proposals, targets)
+        class_logits, box_deltas = self.box_predictor(self.box_features(features, proposals, image_sizes))
+        return self.compute_loss(class_logits, box_deltas, labels, target_deltas), proposals, labels, matched
+
     def forward(self, features, proposals, image_sizes, targets=None):
         """features: OrderedDict of pyramid levels; proposals: list of [P_i, 4]
         xyxy in resized-image pixels. Returns (detections or [], losses)."""
         if self.training:
-            if targets is None:
-                raise ValueError("targets are needed in training mode")
-            proposals, labels, target_deltas, _ = self.sample_proposals(proposals, targets)
+            return [], self.box_losses(features, proposals, image_sizes, targets)[0]
         class_logits, box_deltas = self.box_predictor(self.box_features(features, proposals, image_sizes))
-        if self.training:
-            return [], self.compute_loss(class_logits, box_deltas, labels, target_deltas)
         return self.postprocess(class_logits, box_deltas, proposals, image_sizes), {}
