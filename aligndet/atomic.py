@@ -3,10 +3,27 @@
 Checkpoints, proposal-cache shards and indexes, and the demo's parts all go
 through ``atomic_write``, which is what makes runs killed at any moment resumable.
 ``file_sha256`` is the digest that checks (or records) what such a file holds.
+Written files get the mode the user's umask gives any new file (``0o666 & ~umask``), so
+they are as readable on a shared disk as files made with ``open``.
 """
 import hashlib
 import os
-import tempfile
+import secrets
+
+
+def _create_temp(folder, name):
+    """Create a new empty file ``.<name>.<random>.tmp`` in ``folder`` and return ``(fd, path)``.
+
+    Opened with mode 0o666 rather than through ``tempfile.mkstemp`` (always 0o600), so the
+    umask alone decides who may read the file; ``O_EXCL`` makes the name ours alone.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = os.path.join(folder, f".{name}.{secrets.token_hex(8)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
 
 
 def atomic_write(path, write):
@@ -15,7 +32,7 @@ def atomic_write(path, write):
     needed; on any error the temp file is removed and the error re-raised."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    fd, tmp = _create_temp(folder, os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)

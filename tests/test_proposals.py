@@ -13,8 +13,8 @@ from PIL import Image
 from aligndet.data.images import list_images, read_rgb
 from aligndet.data.proposal_cache import (ProposalCache, ProposalCacheError, export_coco_json, import_coco_json,
                                           shard_name)
-from aligndet.data.proposals import (PRESETS, build_cache, filter_proposals, main, make_proposals, parse_shard,
-                                     selective_search)
+from aligndet.data.proposal_search import filter_proposals, make_proposals, selective_search
+from aligndet.data.proposals import PRESETS, build_cache, main, parse_shard
 
 SETTINGS = dict(PRESETS["demo"])
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,31 +67,44 @@ def test_filter_rules_on_hand_made_boxes():
 
 
 def test_filter_relaxes_step_by_step():
-    small_square = np.array([[0, 0, 10, 10], [0, 0, 50, 5]])  # both too small; only the first has a good aspect
-    kept, level = filter_proposals(small_square, (100, 100))
-    assert level == 1 and kept.tolist() == [[0, 0, 10, 10]]
-    thin = np.array([[0, 0, 50, 5], [0, 0, 4, 60]])  # nothing passes even the aspect rule
-    kept, level = filter_proposals(thin, (100, 100))
-    assert level == 2 and kept.tolist() == thin.tolist()
+    """No box passes all rules: keep those with the minimum size and a good aspect, then those with the
+    minimum size alone; with none of at least the minimum size, the image keeps nothing."""
+    boxes = np.array([[0, 0, 90, 90],     # sides >= 32, aspect 1, but sqrt(wh)/sqrt(WH) = 0.9 > 0.8
+                      [0, 0, 100, 32],    # sides >= 32, aspect 3.1, scale 0.57
+                      [0, 0, 10, 10]])    # too small
+    kept, level = filter_proposals(boxes, (100, 100))
+    assert level == 1 and kept.tolist() == [[0, 0, 90, 90]]
+    wide = np.array([[0, 0, 100, 32], [0, 0, 33, 100], [0, 0, 20, 20]])  # big enough, both too elongated
+    kept, level = filter_proposals(wide, (100, 100))
+    assert level == 2 and kept.tolist() == [[0, 0, 100, 32], [0, 0, 33, 100]]
+    small = np.array([[0, 0, 10, 10], [0, 0, 50, 5]])  # nothing reaches 32 px
+    kept, level = filter_proposals(small, (100, 100))
+    assert level == 3 and kept.shape == (0, 4)
     kept, level = filter_proposals(np.zeros((0, 4)), (100, 100))
-    assert len(kept) == 0 and level == 2
+    assert len(kept) == 0 and level == 3
+    # with the minimum size off, the aspect rule alone is the second step, and every box the third
+    kept, level = filter_proposals(small, (100, 100), min_size=0, max_scale=0.05)
+    assert level == 1 and kept.tolist() == [[0, 0, 10, 10]]
+    kept, level = filter_proposals(np.array([[0, 0, 50, 5]]), (100, 100), min_size=0)
+    assert level == 2 and kept.tolist() == [[0, 0, 50, 5]]
 
 
 # ---------------------------------------------------------------- search
 
 def test_selective_search_boxes_are_valid_and_map_back():
     image = _scene(np.random.default_rng(1), (60, 90))
-    for mode in ("fast", "quality"):
+    for mode in ("fast", "quality", "single"):
         boxes = selective_search(image, mode)
         assert boxes.ndim == 2 and boxes.shape[1] == 4 and len(boxes) > 0
         assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
         assert boxes[:, 0::2].min() >= 0 and boxes[:, 0::2].max() <= 90
         assert boxes[:, 1::2].min() >= 0 and boxes[:, 1::2].max() <= 60
-    # searched at twice the size, boxes come back in original pixels
-    big = selective_search(image, "fast", search_side=180)
-    assert big[:, 0::2].max() <= 90 and big[:, 1::2].max() <= 60
-    # the whole-image box is found at any scale
-    assert [0, 0, 90, 60] in big.tolist()
+    # searched at half the size, boxes come back in original pixels
+    small = selective_search(image, "fast", search_side=45)
+    assert small[:, 0::2].max() <= 90 and small[:, 1::2].max() <= 60
+    assert [0, 0, 90, 60] in small.tolist()  # the whole-image box is found at any scale
+    # a search side above the image's is no resize
+    assert np.array_equal(selective_search(image, "fast", search_side=180), selective_search(image, "fast"))
     with pytest.raises(ValueError, match="mode"):
         selective_search(image, "best")
 
@@ -335,3 +348,6 @@ def test_cli_build_info_export_import(folder, tmp_path, capsys):
         main(["build", "--images", folder, "--out", out, "--preset", "demo", "--workers", "1", "--shard-size", "3"])
     with pytest.raises(SystemExit, match="no proposal cache"):
         main(["info", "--cache", str(tmp_path / "nothing")])
+    os.unlink(os.path.join(out, shard_name(1)))  # as during a build, or after one was killed
+    main(["info", "--cache", out])
+    assert "2 of 3 shards (4 of 7 images, 57 %) done" in capsys.readouterr().out

@@ -314,33 +314,6 @@ def cluster_picture(cache_dir, records, out, clusters=8, per_cluster=8, tile=48,
 
 # ---- the command line: python -m aligndet.data.proposals cluster ----------------------------------------------
 
-def add_cluster_parser(sub, formatter_class):
-    """The ``cluster`` subcommand of ``python -m aligndet.data.proposals`` (``sub``: its subparsers)."""
-    c = sub.add_parser("cluster", help="pseudo-classes for DETR: k-means of the proposals' stage-1 features",
-                       formatter_class=formatter_class, description="Gives every box of a cache a cluster id "
-                       "(aligndet/data/clusters.py): RoI-aligned features of the frozen stage-1 ResNet, PCA, "
-                       "k-means++ fitted on a sample, then every box to its nearest centre. Stored in "
-                       "<cache>/clusters/; a killed run resumes, other settings are refused unless --overwrite.")
-    c.add_argument("--cache", default="data/demo/proposals/train", help="proposal cache folder")
-    c.add_argument("--images", help="the folder the cache's keys are relative to (default: the demo's scenes "
-                   "for the demo caches)")
-    c.add_argument("--json", help="COCO json whose file_names are relative to --images (optional)")
-    c.add_argument("--init", required=True, help="stage-1 checkpoint (train_image.py, or any ResNet checkpoint "
-                   "--init of train_box.py reads)")
-    c.add_argument("--k", type=int, default=32, help="clusters (the paper: 256 for COCO)")
-    c.add_argument("--level", choices=["C2", "C3", "C4", "C5"], default="C4",
-                   help="ResNet stage whose map is RoI-aligned (C4 suits the 128 px demo scenes)")
-    c.add_argument("--pool", type=int, default=7, help="RoI-align output side, averaged to one vector")
-    c.add_argument("--dims", type=int, default=256, help="PCA components kept (at most 256)")
-    c.add_argument("--sample", type=int, default=200_000, help="boxes the PCA and k-means are fitted on")
-    c.add_argument("--iters", type=int, default=50, help="k-means iterations at most")
-    c.add_argument("--max-side", type=int, default=0, help="downscale images whose longer side exceeds this "
-                   "(0: native size)")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--picture", help="PNG of crops per cluster (default: <cache>/clusters/clusters.png)")
-    c.add_argument("--overwrite", action="store_true", help="replace clusters made with other settings")
-
-
 def run_cluster(args):
     """The ``cluster`` subcommand: cluster the cache, print the size histogram, draw the crops."""
     from aligndet.data.images import list_images

@@ -15,6 +15,7 @@ anything else. Datasets skip such files, count them, and warn through a
 ``WarningCap``, so a folder of broken files gives a few lines, not thousands.
 """
 import json
+import math
 import os
 from typing import NamedTuple
 
@@ -57,8 +58,29 @@ class ImageRecord(NamedTuple):
 
 def read_rgb(path):
     """Decode ``path`` into an RGB uint8 array ``[H, W, 3]``."""
+    return _decode(path)
+
+
+def read_rgb_reduced(path, min_side):
+    """Decode ``path`` shrunk by the JPEG decoder: (RGB uint8 array, full (height, width)).
+
+    A JPEG decodes at 1/2, 1/4 or 1/8 scale, the smallest whose longer side is
+    still at least ``min_side`` px (PIL's draft mode: the DCT is scaled, so
+    most of the decoding work is skipped); other formats decode at full size.
+    """
+    sizes = []
+    image = _decode(path, min_side, sizes)
+    return image, sizes[0]
+
+
+def _decode(path, min_side=0, full_size=None):
     try:
         with Image.open(path) as im:
+            if full_size is not None:
+                full_size.append((im.height, im.width))
+            if min_side and im.format == "JPEG" and max(im.size) > min_side:
+                scale = min_side / max(im.size)
+                im.draft(None, (math.ceil(im.width * scale), math.ceil(im.height * scale)))
             im.load()  # decode now, so truncated files fail here
             if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
                 array = np.asarray(im, dtype=np.float64)

@@ -29,9 +29,15 @@ demo set take about 4 MB per million boxes (``benchmarks/RESULTS.md``).
 Loading one image's proposals after ``ProposalCache(path)`` is a dict lookup
 and a slice of an already loaded shard: O(1) per image, O(shard) once per
 shard; the most recently used ``max_open_shards`` shards stay in memory.
+
+``build_progress(path)`` reads a cache that is complete or still being built
+(or interrupted): shards and images done, and a rate and time left estimated
+from the shard files' modification times; ``format_progress`` puts it in words.
 """
 import json
+import math
 import os
+import time
 from collections import OrderedDict
 
 import numpy as np
@@ -112,6 +118,84 @@ def missing_shards(cache_dir, index):
     """Shard numbers of ``index`` without a file in ``cache_dir``."""
     return [j for j in range(num_shards(len(index["keys"]), index["shard_size"]))
             if not os.path.isfile(os.path.join(cache_dir, shard_name(j)))]
+
+
+def _shard_images(index, shard):
+    """How many images shard ``shard`` of ``index`` holds (the last one may hold fewer)."""
+    size, total = index["shard_size"], len(index["keys"])
+    return max(0, min((shard + 1) * size, total) - shard * size)
+
+
+def build_progress(cache_dir):
+    """How far the build of the cache in ``cache_dir`` is, complete or not, as a dict.
+
+    Keys: ``cache_dir``, ``images``, ``shards``, ``shard_size``, ``settings``,
+    ``shards_done``, ``images_done``, ``complete``, ``images_per_second``,
+    ``eta_seconds`` and ``seconds_since_last_shard``. The rate counts the images of
+    every present shard but the earliest written over the time from that shard to the
+    newest (``None`` with fewer than 2 shards or no time between them); the time left
+    assumes the build goes on at that rate. Raises ``ProposalCacheError`` without an index.
+    """
+    index = read_index(cache_dir)
+    if index is None:
+        raise ProposalCacheError(f"no proposal cache in {cache_dir} (no {INDEX_NAME}); nothing has been built "
+                                 f"there yet, or the folder is wrong")
+    total = len(index["keys"])
+    shards = num_shards(total, index["shard_size"])
+    done = []  # (mtime, images) of each shard file present
+    for j in range(shards):
+        try:
+            mtime = os.stat(os.path.join(cache_dir, shard_name(j))).st_mtime
+        except FileNotFoundError:
+            continue
+        done.append((mtime, _shard_images(index, j)))
+    images_done = sum(n for _, n in done)
+    rate = eta = since = None
+    if done:
+        done.sort()
+        since = max(0.0, time.time() - done[-1][0])
+        span = done[-1][0] - done[0][0]
+        if len(done) >= 2 and span > 0:
+            rate = sum(n for _, n in done[1:]) / span
+            eta = (total - images_done) / rate
+    return {"cache_dir": str(cache_dir), "images": total, "shards": shards, "shard_size": index["shard_size"],
+            "settings": index["settings"], "shards_done": len(done), "images_done": images_done,
+            "complete": len(done) == shards, "images_per_second": rate, "eta_seconds": eta,
+            "seconds_since_last_shard": since}
+
+
+def _duration(seconds):
+    """``seconds`` in words at a useful precision: 12 s, 5 min 3 s, 11 h 52 min, 3 d 4 h."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    if seconds < 86400:
+        return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+    return f"{seconds // 86400} d {seconds % 86400 // 3600} h"
+
+
+def _rate(rate):
+    return f"{rate:,.0f}" if rate >= 10 else f"{rate:.2g}"
+
+
+def format_progress(progress):
+    """One or two lines on a ``build_progress`` dict, for people reading ``info``."""
+    p = progress
+    if p["complete"]:
+        return (f"{p['cache_dir']}: complete, {p['shards']:,} shards, {p['images']:,} images "
+                f"({p['shard_size']:,} per shard)")
+    percent = math.floor(100 * p["images_done"] / p["images"]) if p["images"] else 100
+    line = (f"{p['cache_dir']}: {p['shards_done']:,} of {p['shards']:,} shards ({p['images_done']:,} of "
+            f"{p['images']:,} images, {percent} %) done")
+    if p["seconds_since_last_shard"] is None:
+        return line + "; no shard written yet"
+    line += f"; last shard written {_duration(p['seconds_since_last_shard'])} ago"
+    if p["images_per_second"] is None:
+        return line + "\nno rate yet: it needs at least 2 shards written some time apart"
+    return (line + f"\nabout {_rate(p['images_per_second'])} images/s over the shards so far, about "
+            f"{_duration(p['eta_seconds'])} left (if the build is still running)")
 
 
 def _box_array(boxes):

@@ -23,132 +23,48 @@ image folder or COCO json and stores them in a resumable shard cache
 Re-running a build skips finished shards, so a killed run resumes. A cache
 made with other settings is refused rather than mixed (``--overwrite``).
 
-Filters (official, for COCO): keep a box when both sides are at least
-``min_size`` px, ``1/max_aspect <= w/h <= max_aspect`` and
-``sqrt(wh) / sqrt(WH) <= max_scale``; when no box survives, keep those that
-pass the aspect rule alone, and if none do, every box. A value of 0 turns a
-rule off. Then optional NMS (earlier-ranked boxes win) and a cap on the count.
+Search and filters: ``aligndet/data/proposal_search.py``.
 """
 import argparse
-import ctypes
-import math
+import json
 import multiprocessing
 import os
 import sys
 import time
 
 import cv2
-import numpy as np
-import torch
-import torchvision
 from tqdm import tqdm
 
-from aligndet.data.images import ImageReadError, list_images, read_rgb
-from aligndet.data.proposal_cache import (ProposalCache, ProposalCacheError, export_coco_json, import_coco_json,
-                                          missing_shards, num_shards, open_cache_for_writing, read_index,
-                                          write_shard)
-from aligndet.models.weights import CheckpointError
+from aligndet.atomic import atomic_write
+from aligndet.data.images import ImageReadError, list_images
+from aligndet.data.proposal_search import MODES, propose_file
+from aligndet.data.proposal_cache import (INDEX_NAME, ProposalCache, ProposalCacheError, build_progress,
+                                          export_coco_json, format_progress, import_coco_json, missing_shards,
+                                          num_shards, open_cache_for_writing, read_index, write_shard)
 
 # Everything that changes the boxes; a cache records these and refuses others.
-SETTINGS = ("mode", "search_side", "min_size", "max_aspect", "max_scale", "nms_iou", "top_k")
+SETTINGS = ("mode", "search_side", "decode", "min_size", "max_aspect", "max_scale", "nms_iou", "top_k")
+# Settings added after the first release, with the value that reproduces older caches.
+LEGACY_SETTINGS = {"decode": "full"}
 PRESETS = {
-    # The official AlignDet proposals for COCO: fast mode at native scale, no NMS, no cap.
-    "coco": dict(mode="fast", search_side=0, min_size=32, max_aspect=3.0, max_scale=0.8, nms_iou=0.0, top_k=0),
+    # Photos (COCO, VOC, your own): the official filter, no NMS, no cap; OpenCV's single strategy at a
+    # longer side of 256 px, JPEGs decoded at reduced size. On the Pareto front of benchmarks/proposals.py:
+    # higher recall than SoCo's search (the official proposals' tool) at many times its speed. For more
+    # boxes and recall at about 8x the time: --mode fast (docs/method.md §5).
+    "coco": dict(mode="single", search_side=256, decode="reduced", min_size=32, max_aspect=3.0, max_scale=0.8,
+                 nms_iou=0.0, top_k=0),
     # The 128x128 demo scenes: the official rules with the minimum side scaled to the image (32 px on
     # COCO's ~500-px images -> 8 px on 128 px); 32 px would drop most digits (benchmarks/proposals.py).
-    "demo": dict(mode="fast", search_side=0, min_size=8, max_aspect=3.0, max_scale=0.8, nms_iou=0.0, top_k=0),
+    "demo": dict(mode="fast", search_side=0, decode="full", min_size=8, max_aspect=3.0, max_scale=0.8,
+                 nms_iou=0.0, top_k=0),
 }
 DEMO_SPLITS = {split: (f"data/demo/{split}", f"data/demo/annotations/instances_{split}.json",
                        f"data/demo/proposals/{split}") for split in ("train", "val")}
 
 
-def _c_library():
-    try:
-        libc = ctypes.CDLL(None)  # the C library of this process, whose rand() OpenCV's search draws from
-        return libc if hasattr(libc, "srand") else None
-    except (OSError, TypeError):
-        return None
-
-
-_LIBC = _c_library()
-
-
-def selective_search(image, mode="fast", search_side=0):
-    """Selective search on an RGB uint8 image ``[H, W, 3]``.
-
-    Returns int64 ``[N, 4]`` xyxy boxes in pixels of ``image``, in OpenCV's
-    rank order (hierarchy level times a random factor, seeded per call). ``search_side > 0`` resizes the image
-    so its longer side is that many pixels before the search and maps the
-    boxes back.
-    """
-    if mode not in ("fast", "quality"):
-        raise ValueError(f"mode must be 'fast' or 'quality', got {mode!r}")
-    height, width = image.shape[:2]
-    scale = search_side / max(height, width) if search_side else 1.0
-    bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
-    if scale != 1.0:
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        bgr = cv2.resize(bgr, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-    if _LIBC is not None:
-        # OpenCV ranks regions by hierarchy level times std::rand(), so the order (not the set) of the
-        # boxes changes from call to call; a fixed seed makes caches and first-K choices reproducible.
-        _LIBC.srand(1)
-    search = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
-    search.setBaseImage(bgr)
-    search.switchToSelectiveSearchFast() if mode == "fast" else search.switchToSelectiveSearchQuality()
-    xywh = search.process().astype(np.float64).reshape(-1, 4)  # [N, 4] x, y, w, h in the searched image
-    boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1) / scale
-    boxes = np.round(boxes)
-    boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
-    boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
-    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    return boxes[keep].astype(np.int64)
-
-
-def filter_proposals(boxes, image_size, min_size=32, max_aspect=3.0, max_scale=0.8):
-    """The official proposal filter with its fall-backs (module docstring).
-
-    Args:
-        boxes: ``[N, 4]`` xyxy pixels. image_size: ``(height, width)``.
-    Returns:
-        (kept boxes, level): level 0 = all rules held, 1 = relaxed to the aspect
-        rule alone, 2 = relaxed to no filter.
-    """
-    boxes = np.asarray(boxes).reshape(-1, 4)
-    height, width = image_size
-    w = (boxes[:, 2] - boxes[:, 0]).astype(np.float64)
-    h = (boxes[:, 3] - boxes[:, 1]).astype(np.float64)
-    aspect_ok = (w <= max_aspect * h) & (h <= max_aspect * w) if max_aspect else np.ones(len(boxes), bool)
-    strict = aspect_ok.copy()
-    if min_size:
-        strict &= (w >= min_size) & (h >= min_size)
-    if max_scale:
-        strict &= np.sqrt(w * h) <= max_scale * math.sqrt(height * width)
-    for level, keep in enumerate((strict, aspect_ok)):
-        if keep.any():
-            return boxes[keep], level
-    return boxes, 2
-
-
-def make_proposals(image, mode="fast", search_side=0, min_size=32, max_aspect=3.0, max_scale=0.8,
-                   nms_iou=0.0, top_k=0):
-    """Selective search, filter, optional NMS and cap for one RGB uint8 image.
-    Returns (int64 [N, 4] xyxy boxes in rank order, filter relaxation level)."""
-    boxes = selective_search(image, mode, search_side)
-    boxes, level = filter_proposals(boxes, image.shape[:2], min_size, max_aspect, max_scale)
-    if nms_iou and len(boxes):
-        rank_score = -torch.arange(len(boxes), dtype=torch.float32)  # earlier rank wins
-        keep = torchvision.ops.nms(torch.from_numpy(boxes).float(), rank_score, nms_iou).numpy()
-        boxes = boxes[np.sort(keep)]
-    if top_k:
-        boxes = boxes[:top_k]
-    return boxes, level
-
-
 def _init_worker():
-    # One process per core: keep OpenCV and torch from spawning threads of their own.
+    # One process per core: keep OpenCV from spawning threads of its own.
     cv2.setNumThreads(1)
-    torch.set_num_threads(1)
 
 
 def _search_one(task):
@@ -156,9 +72,8 @@ def _search_one(task):
     position, path, settings = task
     start = time.perf_counter()
     try:
-        image = read_rgb(path)
-        boxes, level = make_proposals(image, **settings)
-        return position, boxes, image.shape[:2], "", time.perf_counter() - start, level
+        boxes, level, size = propose_file(path, settings)
+        return position, boxes, size, "", time.perf_counter() - start, level
     except ImageReadError as e:
         return position, None, (0, 0), str(e), time.perf_counter() - start, -1
     except Exception as e:  # noqa: BLE001 - one bad image must not end a day-long run
@@ -187,8 +102,9 @@ def build_cache(records, cache_dir, settings, workers=None, shard=(0, 1), shard_
     Only the missing shards numbered ``j`` with ``j % n == i`` for ``shard = (i, n)``
     are made. Returns a summary dict of this run (also printed when ``progress``).
     """
-    settings = {k: settings[k] for k in SETTINGS}
+    settings = {k: settings[k] if k in settings else LEGACY_SETTINGS[k] for k in SETTINGS}
     workers = workers or default_workers()
+    upgrade_legacy_index(cache_dir)
     index = open_cache_for_writing(cache_dir, settings, [r.key for r in records], [r.image_id for r in records],
                                    shard_size, overwrite)
     total_shards = num_shards(len(records), shard_size)
@@ -197,7 +113,7 @@ def build_cache(records, cache_dir, settings, workers=None, shard=(0, 1), shard_
              for p in range(j * shard_size, min((j + 1) * shard_size, len(records)))]
     summary = {"cache": cache_dir, "images": len(tasks), "shards_written": 0,
                "shards_already_done": sum(1 for j in range(total_shards) if j % shard[1] == shard[0]) - len(todo),
-               "failed": [], "boxes": 0, "relaxed_aspect_only": 0, "relaxed_unfiltered": 0, "empty": 0,
+               "failed": [], "boxes": 0, "relaxed_size_aspect": 0, "relaxed_size_only": 0, "empty": 0,
                "cpu_seconds": 0.0, "wall_seconds": 0.0, "workers": workers}
     start = time.perf_counter()
     pending = {}  # shard -> {position: result}
@@ -216,8 +132,8 @@ def build_cache(records, cache_dir, settings, workers=None, shard=(0, 1), shard_
             else:
                 summary["boxes"] += len(boxes)
                 summary["empty"] += len(boxes) == 0
-                summary["relaxed_aspect_only"] += level == 1
-                summary["relaxed_unfiltered"] += level == 2
+                summary["relaxed_size_aspect"] += level == 1
+                summary["relaxed_size_only"] += level == 2
             bar.update(1)
             if len(pending[j]) == min(shard_size, len(records) - j * shard_size):
                 done = pending.pop(j)
@@ -242,8 +158,8 @@ def format_summary(s):
         lines.append(f"  {s['boxes'] / max(done, 1):.1f} proposals per image, "
                      f"{s['wall_seconds'] / s['images']:.4f} s per image wall-clock, "
                      f"{s['cpu_seconds'] / s['images']:.4f} s per image per worker")
-        lines.append(f"  filter relaxed to the aspect rule on {s['relaxed_aspect_only']} images, "
-                     f"to no filter on {s['relaxed_unfiltered']}; {s['empty']} images without any box")
+        lines.append(f"  filter relaxed to the minimum size and aspect rule on {s['relaxed_size_aspect']} images, "
+                     f"to the minimum size alone on {s['relaxed_size_only']}; {s['empty']} images without any box")
     lines.append(f"  {len(s['failed'])} images failed" + (" (no proposals written for them):" if s["failed"] else ""))
     lines += [f"    {key}: {error}" for key, error in s["failed"][:20]]
     if len(s["failed"]) > 20:
@@ -251,11 +167,24 @@ def format_summary(s):
     return "\n".join(lines)
 
 
+def upgrade_legacy_index(cache_dir):
+    """The index of ``cache_dir`` (or None), first rewritten with ``LEGACY_SETTINGS``
+    filled in when it was made before those settings existed, so an older cache
+    can still be resumed and compared."""
+    index = read_index(cache_dir)
+    if index is None or set(index["settings"]) | set(LEGACY_SETTINGS) != set(SETTINGS) or \
+            set(index["settings"]) == set(SETTINGS):
+        return index
+    index["settings"] = {k: index["settings"].get(k, LEGACY_SETTINGS.get(k)) for k in SETTINGS}
+    atomic_write(os.path.join(cache_dir, INDEX_NAME), lambda f: f.write(json.dumps(index).encode()))
+    return index
+
+
 def ensure_proposals(records, cache_dir, settings, workers=None, progress=True):
     """Open the cache in ``cache_dir``: a finished cache as it is (whatever its
     settings, e.g. imported), an unfinished one completed with its own settings,
     a missing one built from ``records`` with ``settings``."""
-    index = read_index(cache_dir)
+    index = upgrade_legacy_index(cache_dir)
     if index is not None:
         if not missing_shards(cache_dir, index):
             return ProposalCache(cache_dir)
@@ -278,7 +207,6 @@ def filter_defaults(preset, images):
 def get_args_parser():
     # The command line's parser is imported here, so the search above copies out with its siblings only.
     from aligndet.cli import HelpFormatter, PresetParser
-    from aligndet.data.clusters import add_cluster_parser
 
     p = argparse.ArgumentParser("python -m aligndet.data.proposals", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -293,9 +221,12 @@ def get_args_parser():
                    help="without --images: which demo split")
     b.add_argument("--preset", choices=sorted(PRESETS), help="filter settings (default: demo for the demo "
                    "dataset, coco otherwise); the defaults below are its values")
-    b.add_argument("--mode", choices=["fast", "quality"], help="OpenCV selective-search strategy")
-    b.add_argument("--search-side", type=int, help="resize the longer side to this before the search, "
+    b.add_argument("--mode", choices=MODES, help="OpenCV selective search: fast (2 colour spaces x 2 "
+                   "strategies), quality (more of both), single (one of each)")
+    b.add_argument("--search-side", type=int, help="shrink the longer side to at most this before the search, "
                    "boxes mapped back (0: native scale)")
+    b.add_argument("--decode", choices=["full", "reduced"], help="reduced: JPEGs decode at 1/2, 1/4 or 1/8 "
+                   "scale, no smaller than --search-side (faster; needs --search-side)")
     b.add_argument("--min-size", type=float, help="minimum box width and height, px (0: off)")
     b.add_argument("--max-aspect", type=float, help="maximum of w/h and h/w (0: off)")
     b.add_argument("--max-scale", type=float, help="maximum sqrt(wh)/sqrt(WH) (0: off)")
@@ -313,10 +244,37 @@ def get_args_parser():
     i.add_argument("--out", required=True, help="cache folder")
     i.add_argument("--shard-size", type=int, default=1000)
     i.add_argument("--overwrite", action="store_true")
-    n = sub.add_parser("info", help="print a cache's settings and counts")
+    n = sub.add_parser("info", help="print a cache's settings and counts; during a build, its progress")
     n.add_argument("--cache", required=True)
-    add_cluster_parser(sub, HelpFormatter)
+    _add_cluster_parser(sub, HelpFormatter)
     return p
+
+
+def _add_cluster_parser(sub, formatter_class):
+    """The ``cluster`` subcommand (``aligndet/data/clusters.py``; here, so ``--help`` needs no torch)."""
+    c = sub.add_parser("cluster", help="pseudo-classes for DETR: k-means of the proposals' stage-1 features",
+                       formatter_class=formatter_class, description="Gives every box of a cache a cluster id "
+                       "(aligndet/data/clusters.py): RoI-aligned features of the frozen stage-1 ResNet, PCA, "
+                       "k-means++ fitted on a sample, then every box to its nearest centre. Stored in "
+                       "<cache>/clusters/; a killed run resumes, other settings are refused unless --overwrite.")
+    c.add_argument("--cache", default="data/demo/proposals/train", help="proposal cache folder")
+    c.add_argument("--images", help="the folder the cache's keys are relative to (default: the demo's scenes "
+                   "for the demo caches)")
+    c.add_argument("--json", help="COCO json whose file_names are relative to --images (optional)")
+    c.add_argument("--init", required=True, help="stage-1 checkpoint (train_image.py, or any ResNet checkpoint "
+                   "--init of train_box.py reads)")
+    c.add_argument("--k", type=int, default=32, help="clusters (the paper: 256 for COCO)")
+    c.add_argument("--level", choices=["C2", "C3", "C4", "C5"], default="C4",
+                   help="ResNet stage whose map is RoI-aligned (C4 suits the 128 px demo scenes)")
+    c.add_argument("--pool", type=int, default=7, help="RoI-align output side, averaged to one vector")
+    c.add_argument("--dims", type=int, default=256, help="PCA components kept (at most 256)")
+    c.add_argument("--sample", type=int, default=200_000, help="boxes the PCA and k-means are fitted on")
+    c.add_argument("--iters", type=int, default=50, help="k-means iterations at most")
+    c.add_argument("--max-side", type=int, default=0, help="downscale images whose longer side exceeds this "
+                   "(0: native size)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--picture", help="PNG of crops per cluster (default: <cache>/clusters/clusters.png)")
+    c.add_argument("--overwrite", action="store_true", help="replace clusters made with other settings")
 
 
 def resolve_build_args(args):
@@ -354,14 +312,22 @@ def main(argv=None):
             print(f"imported {cache.stats()['boxes']} proposals of {len(cache)} images into {args.out}")
         elif args.command == "cluster":
             from aligndet.data.clusters import run_cluster
-            run_cluster(args)
+            from aligndet.models.weights import CheckpointError
+            try:
+                run_cluster(args)
+            except CheckpointError as e:
+                sys.exit(f"error: {e}")
         elif args.command == "info":
+            progress = build_progress(args.cache)
+            if not progress["complete"]:  # being built, or interrupted: how far, and how fast so far
+                print(format_progress(progress) + f"\n  settings {progress['settings']}")
+                return
             cache = ProposalCache(args.cache)
             stats = cache.stats()
             print(f"{args.cache}: {stats['images']} images, {stats['failed']} failed, {stats['boxes']} boxes "
                   f"({stats['boxes'] / max(stats['images'] - stats['failed'], 1):.1f} per image); "
                   f"settings {cache.settings}")
-    except (ValueError, FileNotFoundError, ProposalCacheError, CheckpointError) as e:
+    except (ValueError, FileNotFoundError, ProposalCacheError) as e:
         sys.exit(f"error: {e}")
 
 
