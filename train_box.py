@@ -67,6 +67,9 @@ import os
 import sys
 import time
 
+import numpy as np
+from PIL import Image
+
 from aligndet import distributed as dist_utils
 from aligndet.checkpoint import CheckpointError, RunCheckpoint, load_pretrained
 from aligndet.cli import (WORKERS_HELP, add_run_arguments, add_step_schedule_arguments, runbook_parser,
@@ -93,7 +96,8 @@ def get_args_parser():
     d.add_argument("--proposals", help="proposal cache folder; built there if missing "
                    "(default for the demo: <demo-root>/proposals/train)")
     d.add_argument("--proposal-preset", choices=sorted(PROPOSAL_PRESETS),
-                   help="selective-search filters used when the cache must be built")
+                   help="selective-search settings used when the cache must be built (default: demo for the "
+                   "demo dataset, coco, the official filter, for --images)")
     d.add_argument("--max-proposals", type=int, help="proposals kept per image (0: all; the paper keeps 50 for "
                    "retinanet and the first 50 for detr, whose --num-queries must exceed it)")
     d.add_argument("--select", choices=["random", "first"], default="random",
@@ -137,9 +141,41 @@ def get_args_parser():
     return p
 
 
+def resolve_proposal_preset(args, records, demo, main_proc):
+    """The proposal preset when none was given: demo for the demo dataset, coco (the official filter) for any
+    other images. Printed, with a note when the images are small for the official 32-px minimum side."""
+    why = "given"
+    if args.proposal_preset is None:
+        args.proposal_preset, why = ("demo", "the default for the demo dataset") if demo else \
+            ("coco", "the default for your own images")
+    if not main_proc:
+        return
+    print(f"proposal preset: {args.proposal_preset} ({why}), used if the cache must be built: "
+          f"{PROPOSAL_PRESETS[args.proposal_preset]}")
+    min_size = PROPOSAL_PRESETS[args.proposal_preset]["min_size"]
+    short = median_short_side(records[:20])
+    if min_size >= 32 and short and short < 256:
+        print(f"note: your images' shorter side is about {short} px; the preset's {min_size:g}-px minimum proposal "
+              f"side may drop most objects. --proposal-preset demo keeps boxes down to 8 px, or build the cache "
+              f"with `python -m aligndet.data.proposals build --min-size N`.")
+
+
+def median_short_side(records):
+    """The median shorter side (px) of ``records``' images, read from their headers; None if none is readable."""
+    sides = []
+    for r in records:
+        try:
+            with Image.open(r.path) as im:
+                sides.append(min(im.size))
+        except OSError:
+            continue
+    return int(np.median(sides)) if sides else None
+
+
 def build_dataset(args, main_proc):
     """Records of the images, their proposal cache (built by rank 0 if needed), the two-view dataset."""
-    if args.images is None:
+    demo = args.images is None
+    if demo:
         if args.json:
             sys.exit("train_box.py: --json needs --images (the folder its file names are relative to)")
         if main_proc:
@@ -153,11 +189,13 @@ def build_dataset(args, main_proc):
     records = list_images(args.images, args.json)
     if not records:
         sys.exit(f"train_box.py: no images in {args.json or args.images}")
+    resolve_proposal_preset(args, records, demo, main_proc)
     # Rank 0 builds what is missing; the others open the finished cache after it.
     cache = ensure_proposals(records, args.proposals, PROPOSAL_PRESETS[args.proposal_preset]) if main_proc else None
     dist_utils.barrier()
     if cache is None:
         cache = ProposalCache(args.proposals)
+    args.proposal_settings = dict(cache.settings)  # what made the boxes, kept in the checkpoint's args
     usable = [r for r in records if r.key in cache]
     if main_proc:
         stats = cache.stats()

@@ -23,7 +23,7 @@ from aligndet.models.weights import CheckpointError, load_backbone_weights, summ
 from aligndet.models.weights import read_checkpoint as load_checkpoint
 
 __all__ = ["CHECKPOINT_NAME", "CheckpointError", "args_to_dict", "latest_checkpoint", "load_checkpoint",
-           "load_pretrained", "save_checkpoint", "RunCheckpoint"]
+           "load_finetuned_detector", "load_pretrained", "save_checkpoint", "RunCheckpoint"]
 
 CHECKPOINT_NAME = "checkpoint.pth"
 
@@ -249,3 +249,24 @@ class RunCheckpoint:
                 self.scaler.load_state_dict(ckpt["scaler"])
         log(f"resumed from {path}: epoch {ckpt['epoch']}, iteration {ckpt.get('iteration', 0)}")
         return ckpt
+
+
+def load_finetuned_detector(path):
+    """The detector of a ``finetune.py`` checkpoint, rebuilt from its own args and weights, in eval mode.
+
+    Returns ``(model, class_names, label_to_cat)``; ``class_names[i - 1]`` names label ``i``.
+    """
+    from aligndet.models import build_detector
+    from aligndet.presets import model_options
+
+    ckpt = load_checkpoint(path)
+    args = ckpt.get("args") or {}
+    if ckpt.get("stage") != "finetune" or "detector" not in args:
+        raise CheckpointError(f"{path} is not a finetune.py checkpoint (stage {ckpt.get('stage')!r})")
+    label_to_cat = {int(k): int(v) for k, v in (ckpt.get("label_to_cat") or {}).items()}
+    class_names = list(ckpt.get("class_names") or [])
+    num_classes = len(class_names) or len(label_to_cat)
+    options = dict(model_options(args["detector"], args), backbone_weights=None)  # the weights come next
+    model = build_detector(args["detector"], num_classes, backbone=args["backbone"], **options)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), class_names, label_to_cat

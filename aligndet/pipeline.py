@@ -24,7 +24,8 @@ core each finish sooner than one after the other on two, since a small model's
 steps do not use two cores fully (benchmarks/RESULTS.md, "make demo").
 
 Then prints one table (AP, AP50, minutes per stage) and writes the AP curves
-to ``<out>/curves.png``. Finished stages are recorded in ``<out>/stages.json``
+to ``<out>/curves.png``, and a few val scenes with the ground truth and both detectors' boxes to
+``<out>/detections.png``. Finished stages are recorded in ``<out>/stages.json``
 with their commands and skipped when the command runs again; an interrupted
 stage resumes from its last checkpoint. A stage whose command has changed
 since (other flags, new defaults) stops the run rather than reuse results
@@ -262,6 +263,38 @@ def report(out, seconds, fraction, detector="faster_rcnn", total_seconds=None):
     return text
 
 
+def detections_picture(out, val_json, val_images, count=4, threshold=0.5):
+    """``<out>/detections.png``: the first ``count`` validation scenes, each with its ground truth, then the
+    detections (score >= ``threshold``, boxes only) of the (a) and (b) fine-tuned detectors side by side."""
+    import torch
+
+    from aligndet.checkpoint import load_finetuned_detector
+    from aligndet.data.images import read_rgb
+    from aligndet.visualize import detections_figure
+
+    with open(val_json) as f:
+        coco = json.load(f)
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    models = [load_finetuned_detector(os.path.join(out, run, "checkpoint.pth")) for run in ("ft_a", "ft_b")]
+    rows = []
+    for image in sorted(coco["images"], key=lambda im: im["id"])[:count]:
+        rgb = read_rgb(os.path.join(val_images, image["file_name"]))
+        anns = [a for a in coco["annotations"] if a["image_id"] == image["id"] and not a.get("iscrowd", 0)]
+        sets = [([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)],
+                 [names[a["category_id"]] for a in anns])]
+        for model, class_names, _ in models:
+            with torch.no_grad():
+                found = model([torch.from_numpy(rgb).permute(2, 0, 1).float() / 255])[0]
+            keep = found["scores"] >= threshold
+            texts = [f"{class_names[int(label) - 1] if class_names else int(label)} {float(score):.2f}"
+                     for label, score in zip(found["labels"][keep], found["scores"][keep])]
+            sets.append((found["boxes"][keep].numpy(), texts))
+        rows.append((rgb, sets))
+    png = os.path.join(out, "detections.png")
+    detections_figure(rows, ["ground truth", RUNS["a"], RUNS["b"]]).save(png)
+    return png
+
+
 def main(argv=None):
     p = argparse.ArgumentParser("python -m aligndet.pipeline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -275,6 +308,7 @@ def main(argv=None):
     args.out = os.path.abspath(args.out)  # the stages run from the repository root
     seconds = run_stages(args.out, args.label_fraction, args.seed, args.detector, args.side_by_side)
     report(args.out, seconds, args.label_fraction, args.detector, total_seconds=Stages(args.out).wall_seconds)
+    print("detections:", detections_picture(args.out, "data/demo/annotations/instances_val.json", "data/demo/val"))
 
 
 if __name__ == "__main__":

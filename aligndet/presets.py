@@ -80,10 +80,10 @@ BOX = {
     # The demo on 2 CPU cores in about 9 minutes. 8 epochs at lr 0.04 gave +2.7 AP at 10 % labels where
     # 4 epochs at 0.02 gave +1.3 (benchmarks/RESULTS.md): the contrastive task is still learning at the end.
     "demo": dict(epochs=8, batch_size=8, lr=0.04, weight_decay=1e-4, warmup_iters=100, lr_steps=[6],
-                 num_samples=64, max_proposals=32, views="demo", proposal_preset="demo"),
+                 num_samples=64, max_proposals=32, views="demo"),
     # The official recipe (16 images per step on 8 GPUs).
     "coco": dict(epochs=12, batch_size=2, lr=0.02, weight_decay=1e-4, warmup_iters=500, lr_steps=[8, 11],
-                 num_samples=0, max_proposals=0, views="coco", proposal_preset="coco"),
+                 num_samples=0, max_proposals=0, views="coco"),
 }
 # The paper pre-trains RetinaNet and FCOS at lr 0.01 and keeps 50 proposals per image for RetinaNet;
 # num_samples counts predictions per image for Faster R-CNN (positive RoIs) and RetinaNet (anchors) but per

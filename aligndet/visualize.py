@@ -16,12 +16,14 @@ random-crop ablation). A proposal that left a view is missing from that panel on
 """
 import argparse
 import colorsys
+import math
 import os
 import sys
+import zlib
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import draw_bounding_boxes
 
 from aligndet.data.images import list_images, read_rgb
@@ -55,6 +57,49 @@ def draw_panel(image, boxes, ids, scale=3.0, labels=True):
     return Image.fromarray(canvas.permute(1, 2, 0).numpy())
 
 
+def detections_figure(rows, columns, scale=3.0, gap=8):
+    """A grid of scenes (rows) by box sets (columns), each panel magnified by ``scale``.
+
+    ``rows``: ``[(image uint8 [H, W, 3], [(boxes [N, 4] xyxy, texts [N]) per column])]``; ``columns``: the
+    column titles. Boxes take the colour of their text's first word (the class name).
+    """
+    title_h = 24
+    font = _font(13)
+    panels = [[draw_labelled(image, boxes, texts, scale) for boxes, texts in sets] for image, sets in rows]
+    width = max(sum(p.width for p in row) + gap * (len(row) - 1) for row in panels)
+    height = title_h + sum(max(p.height for p in row) for row in panels) + gap * (len(panels) - 1)
+    figure = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(figure)
+    y = title_h
+    for r, row in enumerate(panels):
+        x = 0
+        for c, panel in enumerate(row):
+            if r == 0:
+                draw.text((x + panel.width / 2, title_h / 2), columns[c], fill="black", font=font, anchor="mm")
+            figure.paste(panel, (x, y))
+            x += panel.width + gap
+        y += max(p.height for p in row) + gap
+    return figure
+
+
+def draw_labelled(image, boxes, texts, scale=3.0):
+    """uint8 [H, W, 3] image magnified by ``scale`` with ``boxes`` labelled by ``texts``."""
+    height, width = max(1, round(image.shape[0] * scale)), max(1, round(image.shape[1] * scale))
+    pil = Image.fromarray(image).resize((width, height), Image.NEAREST)
+    canvas = torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)
+    boxes = torch.as_tensor(np.asarray(boxes, dtype=np.float32)).reshape(-1, 4) * scale
+    if len(boxes):
+        colours = id_colours([zlib.crc32(t.split()[0].encode()) for t in texts])  # one colour per class, anywhere
+        canvas = draw_bounding_boxes(canvas, boxes, colors=colours, width=2)
+    picture = Image.fromarray(canvas.permute(1, 2, 0).numpy())
+    draw, font = ImageDraw.Draw(picture), _font(12)
+    for (x1, y1, _, _), text, colour in zip(boxes.tolist(), texts, colours if len(boxes) else []):
+        box = draw.textbbox((x1 + 1, y1 + 1), text, font=font)
+        draw.rectangle(box, fill=colour)
+        draw.text((x1 + 1, y1 + 1), text, fill="black", font=font)
+    return picture
+
+
 def proposals_figure(dataset, index, height=384, labels=True, gap=8):
     """Three panels (original with proposals, view 1, view 2) of ``dataset[index]``
     (a ``TwoViewDataset``) side by side, as one PIL image. The original is
@@ -80,41 +125,83 @@ def proposals_figure(dataset, index, height=384, labels=True, gap=8):
 CURVE_COLOURS = [(150, 150, 150), (70, 110, 170), (230, 120, 20), (60, 160, 90), (170, 60, 150)]
 
 
-def ap_curves_figure(panels, width=900, height=520, colours=None):
-    """A PIL image of metric-vs-epoch curves.
+def _font(size):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: one fixed size
+        return ImageFont.load_default()
 
-    ``panels``: ``{title: {run name: [(epoch, AP), ...]}}``, one panel per
+
+def _nice_step(span, ticks=6):
+    """A 1 / 2 / 5 x 10^k step that cuts ``span`` into about ``ticks`` parts."""
+    raw = span / ticks
+    power = 10 ** math.floor(math.log10(raw))
+    return next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+
+
+def ap_curves_figure(panels, width=900, height=520, colours=None):
+    """A PIL image of metric-vs-epoch curves, to be read without the numbers beside it.
+
+    ``panels``: ``{title: {run name: [(epoch, value), ...]}}``, one panel per
     title side by side, one coloured line per run (the same run name has the
-    same colour in every panel) starting from (0, 0), and a legend below.
-    ``colours``: ``{run name: (r, g, b)}``; others take ``CURVE_COLOURS`` in turn.
+    same colour in every panel), each point marked and labelled with its value.
+    The x axis has a tick at every evaluated epoch; the y axis is named after
+    the title's "<metric> vs ..." part (AP otherwise). A legend of the runs sits
+    below. ``colours``: ``{run name: (r, g, b)}``; others take ``CURVE_COLOURS`` in turn.
     """
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
+    title_font, font, small = _font(15), _font(13), _font(11)
     names = list(dict.fromkeys(n for runs in panels.values() for n in runs))
     colour = {n: (colours or {}).get(n, CURVE_COLOURS[i % len(CURVE_COLOURS)]) for i, n in enumerate(names)}
     panel_w = width // max(len(panels), 1)
-    values = [v for runs in panels.values() for curve in runs.values() for _, v in curve]
-    top = (max(values) if values else 1.0) * 1.1 or 1.0
-    legend_h = 18 * len(names) + 10
+    legend_h = 20 * len(names) + 10
     for p, (title, runs) in enumerate(panels.items()):
-        x0, y0, x1, y1 = p * panel_w + 50, 40, (p + 1) * panel_w - 15, height - 40 - legend_h
+        x0, y0, x1, y1 = p * panel_w + 62, 42, (p + 1) * panel_w - 20, height - 48 - legend_h
+        values = [v for curve in runs.values() for _, v in curve]
+        step = _nice_step(max(max(values, default=0.0), 1e-6) * 1.15)
+        top = step * math.ceil(max(max(values, default=0.0), 1e-6) * 1.15 / step)
+        epochs = sorted({e for curve in runs.values() for e, _ in curve})
+        last = max(epochs, default=1) or 1
+        to_x = lambda e: x0 + (x1 - x0) * e / last  # noqa: E731
+        to_y = lambda v: y1 - (y1 - y0) * v / top  # noqa: E731
+        draw.text(((x0 + x1) / 2, 12), title, fill="black", font=title_font, anchor="mt")
+        for i in range(round(top / step) + 1):  # y grid, ticks and values
+            y = to_y(i * step)
+            draw.line([x0, y, x1, y], fill=(228, 228, 228))
+            draw.text((x0 - 6, y), f"{i * step:.{max(0, -math.floor(math.log10(step)))}f}", fill="black",
+                      font=small, anchor="rm")
+        shown = epochs if len(epochs) <= 12 else epochs[::math.ceil(len(epochs) / 12)]
+        for e in [0] + epochs:  # a tick at every evaluation, labelled unless they crowd
+            draw.line([to_x(e), y1, to_x(e), y1 + 4], fill="black")
+            if e == 0 or e in shown:
+                draw.text((to_x(e), y1 + 6), str(e), fill="black", font=small, anchor="mt")
         draw.rectangle([x0, y0, x1, y1], outline="black")
-        draw.text((x0, 15), title, fill="black")
-        last = max((e for curve in runs.values() for e, _ in curve), default=1) or 1
-        for tick in range(5):
-            y = y1 - (y1 - y0) * tick / 4
-            draw.line([x0 - 4, y, x0, y], fill="black")
-            draw.text((x0 - 45, y - 6), f"{top * tick / 4:.3f}", fill="black")
-        draw.text((x1 - 60, y1 + 5), f"epoch {last}", fill="black")
-        for name, curve in runs.items():
-            points = [(x0 + (x1 - x0) * e / last, y1 - (y1 - y0) * v / top) for e, v in [(0, 0.0)] + list(curve)]
-            draw.line(points, fill=colour[name], width=3)
-            for x, y in points[1:]:
-                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour[name])
+        draw.text(((x0 + x1) / 2, y1 + 22), "fine-tuning epoch", fill="black", font=font, anchor="mt")
+        metric = title.split(":")[-1].split(" vs ")[0].strip() if " vs " in title else "AP"
+        draw.text((x0 - 4, y0 - 6), metric, fill="black", font=font, anchor="rb")
+        at, labels = {}, []  # epoch -> values of every run there; value labels, drawn last
+        for curve in runs.values():
+            for e, v in curve:
+                at.setdefault(e, []).append(v)
+        for r, (name, curve) in enumerate(runs.items()):
+            points = [(to_x(e), to_y(v)) for e, v in curve]
+            if len(points) > 1:
+                draw.line(points, fill=colour[name], width=3)
+            for (x, y), (e, v) in zip(points, curve):
+                draw.ellipse([x - 3.5, y - 3.5, x + 3.5, y + 3.5], fill=colour[name])
+                # a value goes above its point when the run is the highest there, below otherwise, so two close
+                # curves keep their labels apart
+                above = v > max(at[e]) - 1e-12 and (v > min(at[e]) or r == 0)
+                labels.append(((x, y - 6 if above else y + 6), f"{v:.3f}", colour[name], "mb" if above else "mt"))
+        for xy, text, fill, anchor in labels:  # after every line, on a white patch, so no line crosses a value
+            draw.rectangle(draw.textbbox(xy, text, font=small, anchor=anchor), fill="white")
+            draw.text(xy, text, fill=fill, font=small, anchor=anchor)
     for i, name in enumerate(names):
-        y = height - legend_h - 5 + 18 * i
-        draw.line([60, y + 6, 90, y + 6], fill=colour[name], width=3)
-        draw.text((100, y), name, fill="black")
+        y = height - legend_h + 20 * i
+        draw.line([62, y + 7, 96, y + 7], fill=colour[name], width=3)
+        draw.ellipse([75.5, y + 3.5, 82.5, y + 10.5], fill=colour[name])
+        draw.text((106, y + 7), name, fill="black", font=font, anchor="lm")
     return image
 
 

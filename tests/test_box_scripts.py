@@ -17,6 +17,7 @@ import torch
 import train_box
 from aligndet.checkpoint import load_checkpoint, load_pretrained
 from aligndet.data.images import list_images
+from aligndet.data.proposals import PRESETS as PROPOSAL_PRESETS
 from aligndet.engine import NonFiniteLossError
 from aligndet.pretrain.losses import box_contrastive
 from conftest import squares_views, write_squares_coco
@@ -97,6 +98,8 @@ def test_train_box_resume_and_finetune_scripts(tmp_path):
     assert (tmp_path / "props").is_dir() and os.listdir(tmp_path / "props")
     ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
     assert ckpt["stage"] == "box" and ckpt["epoch"] == 1
+    assert ckpt["args"]["proposal_preset"] == "demo"  # what made the boxes travels with the weights
+    assert ckpt["args"]["proposal_settings"] == PROPOSAL_PRESETS["demo"]
     assert {"model", "pretrain", "optimizer"} <= set(ckpt)
     assert any(k.startswith("backbone.body.") for k in ckpt["model"])
     assert any(k.startswith("roi_heads.box_head.") for k in ckpt["model"])
@@ -172,3 +175,23 @@ def test_train_box_recomputes_batch_norm_statistics_on_the_scenes(tmp_path, caps
     assert stats and all(not torch.equal(kept[k], recomputed[k]) for k in stats)
     weights = [k for k in kept if k.startswith("backbone.body.") and k.endswith(".weight")]
     assert weights and all(torch.equal(kept[k], recomputed[k]) for k in weights)  # the backbone stays frozen
+
+
+def test_custom_images_get_the_official_proposal_filter(tmp_path, capsys):
+    """Without --proposal-preset: demo for the demo dataset, coco for anything else, printed; small images get
+    a note naming the flag."""
+    paths = write_squares_coco(str(tmp_path / "data"), num_images=3, size=64)
+    records = list_images(paths["train_images"], paths["train_json"])
+    args = train_box.get_args_parser().parse_args(["--images", paths["train_images"]])
+    assert args.proposal_preset is None  # no preset sets it: --preset demo must not pick the demo filter here
+    train_box.resolve_proposal_preset(args, records, demo=False, main_proc=True)
+    out = capsys.readouterr().out
+    assert args.proposal_preset == "coco" and "coco (the default for your own images)" in out
+    assert "shorter side is about 64 px" in out and "--proposal-preset demo" in out
+    args = train_box.get_args_parser().parse_args([])
+    train_box.resolve_proposal_preset(args, records, demo=True, main_proc=True)
+    out = capsys.readouterr().out
+    assert args.proposal_preset == "demo" and "the default for the demo dataset" in out and "note" not in out
+    args = train_box.get_args_parser().parse_args(["--images", "x", "--proposal-preset", "demo"])
+    train_box.resolve_proposal_preset(args, records, demo=False, main_proc=True)
+    assert args.proposal_preset == "demo" and "demo (given)" in capsys.readouterr().out

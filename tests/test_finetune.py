@@ -139,3 +139,28 @@ def test_box_init_skip_defaults_follow_the_preset(squares_coco, tmp_path):
     model = finetune.build_model(args, num_classes=3, log=lambda *a: None)
     assert torch.equal(model.backbone.body.conv1.weight,
                        torch.load(backbone, weights_only=True)["backbone"]["conv1.weight"])
+
+
+def test_a_finetuned_checkpoint_rebuilds_its_detector_and_draws_detections(squares_coco, tmp_path):
+    from PIL import Image
+
+    from aligndet import pipeline
+    from aligndet.checkpoint import CheckpointError, load_finetuned_detector
+
+    out = tmp_path / "demo"
+    for run in ("ft_a", "ft_b"):  # the pipeline's two fine-tuning folders
+        _run(_data_args(squares_coco) + SMALL + ["--epochs", "1", "--max-iters", "1", "--output-dir", str(out / run)])
+    path = out / "ft_a" / "checkpoint.pth"
+    model, names, label_to_cat = load_finetuned_detector(path)
+    ckpt = torch.load(path, weights_only=True)
+    assert not model.training and label_to_cat == {1: 3, 2: 7} and names == ckpt["class_names"] and len(names) == 2
+    state = model.state_dict()
+    assert state.keys() == ckpt["model"].keys() and all(torch.equal(v, ckpt["model"][k]) for k, v in state.items())
+
+    png = pipeline.detections_picture(str(out), squares_coco["val_json"], squares_coco["val_images"], count=2,
+                                      threshold=0.0)
+    image = Image.open(png)
+    assert image.size == (3 * 96 * 3 + 2 * 8, 24 + 2 * 96 * 3 + 8)  # 3 columns, 2 scenes, magnified 3x
+    torch.save({"stage": "box", "args": {"detector": "faster_rcnn"}}, tmp_path / "box.pth")
+    with pytest.raises(CheckpointError, match="not a finetune.py checkpoint"):
+        load_finetuned_detector(tmp_path / "box.pth")

@@ -43,3 +43,21 @@ def test_bad_index_is_a_clear_error(cache, tmp_path):
         main(["proposals", "--images", folder, "--cache", cache_dir, "--index", "5", "--out", str(tmp_path / "x.png")])
     with pytest.raises(SystemExit, match="no proposal cache"):
         main(["proposals", "--images", folder, "--cache", str(tmp_path / "none"), "--out", str(tmp_path / "x.png")])
+
+
+def test_ap_curves_read_without_the_numbers_beside_them():
+    """Every evaluation gets a tick and a printed value; both runs keep their colours; the panel titles show."""
+    import numpy as np
+
+    from aligndet.visualize import CURVE_COLOURS, ap_curves_figure
+
+    panels = {"10% labels: AP vs fine-tuning epoch": {"a": [(5, 0.1), (10, 0.2)], "b": [(5, 0.15), (10, 0.25)]},
+              "10% labels: mask AP vs fine-tuning epoch": {"a": [(5, 0.01), (10, 0.02)], "b": [(5, 0.0), (10, 0.03)]}}
+    image = ap_curves_figure(panels, width=1000, colours={"a": CURVE_COLOURS[1], "b": CURVE_COLOURS[2]})
+    pixels = np.asarray(image.convert("RGB")).reshape(-1, 3)
+    colours = {tuple(int(v) for v in px) for px in pixels}
+    assert image.size == (1000, 520) and CURVE_COLOURS[1] in colours and CURVE_COLOURS[2] in colours
+    # a tick below the x axis at each evaluated epoch (5 and 10 of 10) of the first panel, none between them
+    x0, x1, y1 = 62, 500 - 20, 520 - 48 - (20 * 2 + 10)
+    column = lambda e: np.asarray(image.convert("L"))[y1 + 1:y1 + 4, round(x0 + (x1 - x0) * e / 10)]  # noqa: E731
+    assert (column(5) < 100).all() and (column(10) < 100).all() and (column(7.5) > 200).all()
