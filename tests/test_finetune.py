@@ -2,6 +2,7 @@
 low-data splits, and two processes under torchrun."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -141,7 +142,7 @@ def test_box_init_skip_defaults_follow_the_preset(squares_coco, tmp_path):
                        torch.load(backbone, weights_only=True)["backbone"]["conv1.weight"])
 
 
-def test_a_finetuned_checkpoint_rebuilds_its_detector_and_draws_detections(squares_coco, tmp_path):
+def test_a_finetuned_checkpoint_rebuilds_its_detector_and_draws_detections(squares_coco, tmp_path, capsys):
     from PIL import Image
 
     from aligndet import pipeline
@@ -161,6 +162,25 @@ def test_a_finetuned_checkpoint_rebuilds_its_detector_and_draws_detections(squar
                                       threshold=0.0)
     image = Image.open(png)
     assert image.size == (3 * 96 * 3 + 2 * 8, 24 + 2 * 96 * 3 + 8)  # 3 columns, 2 scenes, magnified 3x
+
+    # python -m aligndet.predict: results json with the data's category ids, pictures, AP, unreadable files named
+    from aligndet import predict
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for name in sorted(os.listdir(squares_coco["val_images"]))[:2]:
+        shutil.copy(os.path.join(squares_coco["val_images"], name), folder / name)
+    (folder / "broken.png").write_bytes(b"not an image")
+    outputs = predict.main(["--checkpoint", str(path), "--images", str(folder), "--out", str(tmp_path / "d.json"),
+                            "--draw", str(tmp_path / "pictures"), "--score-threshold", "0", "--draw-threshold", "0"])
+    assert len(outputs) == 2 and len(os.listdir(tmp_path / "pictures")) == 2
+    results = json.load(open(tmp_path / "d.json"))
+    assert results and {r["category_id"] for r in results} <= {3, 7} and {r["image_id"] for r in results} <= {1, 2}
+    predict.main(["--checkpoint", str(path), "--images", squares_coco["val_images"], "--json",
+                  squares_coco["val_json"], "--out", str(tmp_path / "val.json")])
+    printed = capsys.readouterr().out
+    assert "broken.png: cannot read image" in printed and "1 images could not be read" in printed
+    assert "12 images" in printed and "COCO AP " in printed
+
     torch.save({"stage": "box", "args": {"detector": "faster_rcnn"}}, tmp_path / "box.pth")
     with pytest.raises(CheckpointError, match="not a finetune.py checkpoint"):
         load_finetuned_detector(tmp_path / "box.pth")
