@@ -17,7 +17,7 @@ from its state dict file or its default COCO weights:
     python -m aligndet.predict --torchvision fasterrcnn_resnet50_fpn --checkpoint default --images my_images/
  Unreadable images are named and
 skipped. Pictures draw the boxes with score >= ``--draw-threshold``, with class
-names and scores.
+names and scores (and Mask R-CNN's masks).
 """
 import argparse
 import json
@@ -102,11 +102,13 @@ def predict(model, records, device="cpu", batch_size=4, score_threshold=0.05, pr
 
 
 def label_texts(output, class_names, threshold):
-    """(boxes, "name score" texts) of the detections at or above ``threshold``."""
+    """(boxes, "name score" texts, bool masks or None) of the detections at or above ``threshold``."""
     keep = output["scores"] >= threshold
     names = [class_names[int(label) - 1] if 0 < int(label) <= len(class_names) else str(int(label))
              for label in output["labels"][keep]]
-    return output["boxes"][keep].numpy(), [f"{n} {float(s):.2f}" for n, s in zip(names, output["scores"][keep])]
+    masks = output["masks"][keep][:, 0] > 0.5 if "masks" in output else None  # [N, H, W]
+    return (output["boxes"][keep].numpy(), [f"{n} {float(s):.2f}" for n, s in zip(names, output["scores"][keep])],
+            masks)
 
 
 def get_args_parser():
@@ -155,8 +157,8 @@ def main(argv=None):
         for r in records:
             if r.image_id in outputs:
                 rgb = read_rgb(r.path)
-                boxes, texts = label_texts(outputs[r.image_id], class_names, args.draw_threshold)
-                picture = draw_labelled(rgb, boxes, texts, scale=max(1.0, 384 / max(rgb.shape[:2])))
+                boxes, texts, masks = label_texts(outputs[r.image_id], class_names, args.draw_threshold)
+                picture = draw_labelled(rgb, boxes, texts, scale=max(1.0, 384 / max(rgb.shape[:2])), masks=masks)
                 picture.save(os.path.join(args.draw, r.key.replace("/", "__").rsplit(".", 1)[0] + ".png"))
         print(f"pictures in {args.draw}")
     if args.json:

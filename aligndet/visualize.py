@@ -24,7 +24,7 @@ import zlib
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
-from torchvision.utils import draw_bounding_boxes
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from aligndet.data.images import list_images, read_rgb
 from aligndet.data.proposal_cache import ProposalCache, ProposalCacheError
@@ -82,14 +82,19 @@ def detections_figure(rows, columns, scale=3.0, gap=8):
     return figure
 
 
-def draw_labelled(image, boxes, texts, scale=3.0):
-    """uint8 [H, W, 3] image magnified by ``scale`` with ``boxes`` labelled by ``texts``."""
+def draw_labelled(image, boxes, texts, scale=3.0, masks=None):
+    """uint8 [H, W, 3] image magnified by ``scale`` with ``boxes`` labelled by ``texts``; ``masks``
+    (bool [N, H, W], optional) are laid over it, half transparent, in their box's colour."""
     height, width = max(1, round(image.shape[0] * scale)), max(1, round(image.shape[1] * scale))
     pil = Image.fromarray(image).resize((width, height), Image.NEAREST)
     canvas = torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)
     boxes = torch.as_tensor(np.asarray(boxes, dtype=np.float32)).reshape(-1, 4) * scale
     if len(boxes):
         colours = id_colours([zlib.crc32(t.split()[0].encode()) for t in texts])  # one colour per class, anywhere
+        if masks is not None and len(masks):
+            big = torch.nn.functional.interpolate(torch.as_tensor(masks)[:, None].float(), size=(height, width),
+                                                  mode="nearest")[:, 0] > 0.5
+            canvas = draw_segmentation_masks(canvas, big, alpha=0.45, colors=colours)
         canvas = draw_bounding_boxes(canvas, boxes, colors=colours, width=2)
     picture = Image.fromarray(canvas.permute(1, 2, 0).numpy())
     draw, font = ImageDraw.Draw(picture), _font(12)

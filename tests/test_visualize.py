@@ -61,3 +61,18 @@ def test_ap_curves_read_without_the_numbers_beside_them():
     x0, x1, y1 = 62, 500 - 20, 520 - 48 - (20 * 2 + 10)
     column = lambda e: np.asarray(image.convert("L"))[y1 + 1:y1 + 4, round(x0 + (x1 - x0) * e / 10)]  # noqa: E731
     assert (column(5) < 100).all() and (column(10) < 100).all() and (column(7.5) > 200).all()
+
+
+def test_draw_labelled_lays_masks_over_their_boxes():
+    import numpy as np
+
+    from aligndet.visualize import draw_labelled
+
+    image = np.full((20, 30, 3), 255, np.uint8)
+    masks = np.zeros((1, 20, 30), bool)
+    masks[0, 5:15, 5:10] = True
+    plain = np.asarray(draw_labelled(image, [[2, 2, 20, 18]], ["cat 0.90"], scale=2.0))
+    tinted = np.asarray(draw_labelled(image, [[2, 2, 20, 18]], ["cat 0.90"], scale=2.0, masks=masks))
+    assert plain.shape == tinted.shape == (40, 60, 3)
+    assert (tinted[14:28, 12:18] != 255).any(axis=-1).all()  # inside the mask: coloured
+    assert np.array_equal(tinted[30:36, 30:36], plain[30:36, 30:36])  # outside it: unchanged
