@@ -266,30 +266,26 @@ def report(out, seconds, fraction, detector="faster_rcnn", total_seconds=None):
 def detections_picture(out, val_json, val_images, count=4, threshold=0.5):
     """``<out>/detections.png``: the first ``count`` validation scenes, each with its ground truth, then the
     detections (score >= ``threshold``, boxes only) of the (a) and (b) fine-tuned detectors side by side."""
-    import torch
-
     from aligndet.checkpoint import load_finetuned_detector
-    from aligndet.data.images import read_rgb
+    from aligndet.data.images import list_coco_images, read_rgb
+    from aligndet.predict import label_texts, predict
     from aligndet.visualize import detections_figure
 
     with open(val_json) as f:
         coco = json.load(f)
     names = {c["id"]: c["name"] for c in coco["categories"]}
-    models = [load_finetuned_detector(os.path.join(out, run, "checkpoint.pth")) for run in ("ft_a", "ft_b")]
+    records = list_coco_images(val_json, val_images)[:count]  # sorted by id
+    found = []  # per run: (its detections by image id, its class names)
+    for run in ("ft_a", "ft_b"):
+        model, class_names, _ = load_finetuned_detector(os.path.join(out, run, "checkpoint.pth"))
+        found.append((predict(model, records, score_threshold=threshold, progress=False)[0], class_names))
     rows = []
-    for image in sorted(coco["images"], key=lambda im: im["id"])[:count]:
-        rgb = read_rgb(os.path.join(val_images, image["file_name"]))
-        anns = [a for a in coco["annotations"] if a["image_id"] == image["id"] and not a.get("iscrowd", 0)]
+    for r in records:
+        anns = [a for a in coco["annotations"] if a["image_id"] == r.image_id and not a.get("iscrowd", 0)]
         sets = [([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)],
                  [names[a["category_id"]] for a in anns])]
-        for model, class_names, _ in models:
-            with torch.no_grad():
-                found = model([torch.from_numpy(rgb).permute(2, 0, 1).float() / 255])[0]
-            keep = found["scores"] >= threshold
-            texts = [f"{class_names[int(label) - 1] if class_names else int(label)} {float(score):.2f}"
-                     for label, score in zip(found["labels"][keep], found["scores"][keep])]
-            sets.append((found["boxes"][keep].numpy(), texts))
-        rows.append((rgb, sets))
+        sets += [label_texts(outputs[r.image_id], class_names, threshold)[:2] for outputs, class_names in found]
+        rows.append((read_rgb(r.path), sets))
     png = os.path.join(out, "detections.png")
     detections_figure(rows, ["ground truth", RUNS["a"], RUNS["b"]]).save(png)
     return png

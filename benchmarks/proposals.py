@@ -123,25 +123,32 @@ def run_soco(python, records, repeat):
 
 # ---------------------------------------------------------------- ours
 
-def search_grid(records):
-    """Our (mode, search side, decode) settings worth running on ``records``: sides at or above
-    every image's longer side are the native search, and reduced decoding needs a JPEG."""
-    longest = max(max(list_size(r.path)) for r in records)
-    jpeg = any(r.path.lower().endswith((".jpg", ".jpeg")) for r in records)
-    grid = []
-    for mode in MODES:
-        for side in SIDES:
-            if side and side >= longest:
-                continue
-            for decode in ("full", "reduced") if side and jpeg else ("full",):
-                grid.append(dict(mode=mode, search_side=side, decode=decode))
-    return grid
-
-
-def list_size(path):
+def image_sizes(records):
+    """Each image's (height, width) by key, from the file headers."""
     from PIL import Image
-    with Image.open(path) as im:
-        return im.size
+
+    sizes = {}
+    for r in records:
+        with Image.open(r.path) as im:
+            sizes[r.key] = (im.height, im.width)
+    return sizes
+
+
+def effective(search, records, sizes):
+    """The setting that ``search`` amounts to on ``records``: a search side at or above every image's
+    longer side is the native search, and reduced decoding needs a search side and a JPEG."""
+    longest = max(max(hw) for hw in sizes.values())
+    jpeg = any(r.path.lower().endswith((".jpg", ".jpeg")) for r in records)
+    side = search["search_side"] if search["search_side"] and search["search_side"] < longest else 0
+    return dict(search, search_side=side, decode=search["decode"] if side and jpeg else "full")
+
+
+def search_grid(records, sizes):
+    """Our (mode, search side, decode) settings worth running on ``records``: those that are not another
+    one in effect (``effective``)."""
+    grid = [dict(mode=mode, search_side=side, decode=decode)
+            for mode in MODES for side in SIDES for decode in ("full", "reduced")]
+    return [g for g in grid if effective(g, records, sizes) == g]
 
 
 def run_ours(records, search, filters, repeat):
@@ -165,15 +172,15 @@ def describe(search):
 
 # ---------------------------------------------------------------- one set
 
-def bench_set(name, records, gt, filters, soco, repeat):
-    """Rows (dicts) of SoCo and every setting of ours on one image set."""
+def bench_set(name, records, sizes, gt, filters, soco, repeat):
+    """Rows (dicts) of SoCo and every setting of ours on one image set (``sizes``: ``image_sizes``)."""
     rows = []
     if soco:
         raw, seconds = run_soco(soco, records, repeat)
-        kept = {k: filter_proposals(b, _size(records, k), **filters)[0] for k, b in raw.items()}
+        kept = {k: filter_proposals(b, sizes[k], **filters)[0] for k, b in raw.items()}
         rows.append(dict(setting="SoCo (selectivesearch 0.4)", top_k=0, seconds=float(np.mean(list(seconds.values()))),
                          **dict(zip(("proposals", "r50", "r70"), score(kept, records, gt))), soco=True))
-    for search in search_grid(records):
+    for search in search_grid(records, sizes):
         boxes, seconds = run_ours(records, search, filters, repeat)
         for k in TOP_KS:
             cut = {key: b[:k] if k else b for key, b in boxes.items()}
@@ -182,17 +189,6 @@ def bench_set(name, records, gt, filters, soco, repeat):
                              **dict(zip(("proposals", "r50", "r70"), score(cut, records, gt))), soco=False))
         print(f"  {name}: {describe(search)} {rows[-1]['seconds']:.4f} s/img", file=sys.stderr)
     return rows
-
-
-_SIZES = {}
-
-
-def _size(records, key):
-    if key not in _SIZES:
-        path = next(r.path for r in records if r.key == key)
-        w, h = list_size(path)
-        _SIZES[key] = (h, w)
-    return _SIZES[key]
 
 
 def print_table(name, rows, preset):
@@ -206,15 +202,6 @@ def print_table(name, rows, preset):
         mark = " (preset)" if r.get("search") == preset and r["top_k"] == 0 else ""
         print(f"| {r['setting']}{mark} | {r['top_k'] or 'all'} | {r['seconds']:.4f} | {speed} | "
               f"{r['proposals']:.0f} | {recall} |")
-
-
-def effective(search, records):
-    """The grid setting that ``search`` amounts to on ``records`` (see ``search_grid``)."""
-    longest = max(max(list_size(r.path)) for r in records)
-    jpeg = any(r.path.lower().endswith((".jpg", ".jpeg")) for r in records)
-    side = search["search_side"] if search["search_side"] and search["search_side"] < longest else 0
-    decode = search["decode"] if side and jpeg else "full"
-    return dict(search, search_side=side, decode=decode)
 
 
 def verdict(name, rows, preset):
@@ -276,16 +263,18 @@ def main():
                      "coco", args.repeat))
 
     preset = {k: PRESETS["coco"][k] for k in SEARCH_KEYS}
-    results, verdicts = {}, []
+    results, verdicts, marked = {}, [], {}
     for name, records, gt, filter_preset, repeat in sets:
         filters = {k: PRESETS[filter_preset][k] for k in FILTER_KEYS}
         print(f"{name}: {len(records)} images, filter {filter_preset} {filters}", file=sys.stderr)
-        rows = bench_set(name, records, gt, filters, soco, repeat)
+        sizes = image_sizes(records)
+        rows = bench_set(name, records, sizes, gt, filters, soco, repeat)
         results[name] = rows
-        print_table(f"{name} ({len(records)} images, {filter_preset} filter)", rows, effective(preset, records))
-        verdicts.append(verdict(name, rows, effective(preset, records)))
+        marked[name] = effective(preset, records, sizes)  # what the coco preset is on this set
+        print_table(f"{name} ({len(records)} images, {filter_preset} filter)", rows, marked[name])
+        verdicts.append(verdict(name, rows, marked[name]))
         if name == "demo val":
-            demo = effective({k: PRESETS["demo"][k] for k in SEARCH_KEYS}, records)
+            demo = effective({k: PRESETS["demo"][k] for k in SEARCH_KEYS}, records, sizes)
             row = next((r for r in rows if r.get("search") == demo and r["top_k"] == 0), None)
             if row:
                 verdicts.append(f"demo val: demo preset ({row['setting']}) recall@0.5 {row['r50']:.3f} "
@@ -297,7 +286,6 @@ def main():
         json.dump(results, f, indent=1)
     from pareto_plot import pareto_figure  # noqa: E402 - beside this script
     picture = os.path.join(args.out, "proposals_pareto.png")
-    marked = {name: effective(preset, records) for name, records, *_ in sets}
     pareto_figure({n: r for n, r in results.items() if any(x["r50"] is not None for x in r)}, marked, picture)
     print(f"wrote {os.path.join(args.out, 'results.json')} and {picture}")
 

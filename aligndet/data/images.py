@@ -58,7 +58,7 @@ class ImageRecord(NamedTuple):
 
 def read_rgb(path):
     """Decode ``path`` into an RGB uint8 array ``[H, W, 3]``."""
-    return _decode(path)
+    return _decode(path)[0]
 
 
 def read_rgb_reduced(path, min_side):
@@ -68,16 +68,14 @@ def read_rgb_reduced(path, min_side):
     still at least ``min_side`` px (PIL's draft mode: the DCT is scaled, so
     most of the decoding work is skipped); other formats decode at full size.
     """
-    sizes = []
-    image = _decode(path, min_side, sizes)
-    return image, sizes[0]
+    return _decode(path, min_side)
 
 
-def _decode(path, min_side=0, full_size=None):
+def _decode(path, min_side=0):
+    """(RGB uint8 array, the file's full (height, width)); JPEGs shrunk by the decoder for ``min_side``."""
     try:
         with Image.open(path) as im:
-            if full_size is not None:
-                full_size.append((im.height, im.width))
+            full_size = (im.height, im.width)
             if min_side and im.format == "JPEG" and max(im.size) > min_side:
                 scale = min_side / max(im.size)
                 im.draft(None, (math.ceil(im.width * scale), math.ceil(im.height * scale)))
@@ -86,8 +84,8 @@ def _decode(path, min_side=0, full_size=None):
                 array = np.asarray(im, dtype=np.float64)
                 top = 65535.0 if im.mode.startswith("I;16") else max(float(array.max()), 1.0)
                 grey = np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-                return np.repeat(grey[..., None], 3, axis=2)
-            return np.array(im.convert("RGB"))  # writable, unlike np.asarray of a PIL image
+                return np.repeat(grey[..., None], 3, axis=2), full_size
+            return np.array(im.convert("RGB")), full_size  # writable, unlike np.asarray of a PIL image
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise ImageReadError(f"cannot read image {path}: {e}") from e
 

@@ -172,8 +172,9 @@ def upgrade_legacy_index(cache_dir):
     filled in when it was made before those settings existed, so an older cache
     can still be resumed and compared."""
     index = read_index(cache_dir)
-    if index is None or set(index["settings"]) | set(LEGACY_SETTINGS) != set(SETTINGS) or \
-            set(index["settings"]) == set(SETTINGS):
+    missing = set(SETTINGS) - set(index["settings"]) if index is not None else set()
+    # only a cache of this tool (no unknown keys, e.g. not an imported one) that lacks only newer settings
+    if not missing or not missing <= set(LEGACY_SETTINGS) or not set(index["settings"]) <= set(SETTINGS):
         return index
     index["settings"] = {k: index["settings"].get(k, LEGACY_SETTINGS.get(k)) for k in SETTINGS}
     atomic_write(os.path.join(cache_dir, INDEX_NAME), lambda f: f.write(json.dumps(index).encode()))
