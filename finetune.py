@@ -39,11 +39,17 @@ Runbook
   python finetune.py --preset coco --init torchvision:ResNet50_Weights.IMAGENET1K_V2 ...
   python finetune.py --preset coco --init moco_v2_800ep_pretrain.pth.tar ...
 
+  # Pascal VOC, the paper's transfer (VOC07+12 trainval -> VOC07 test, AP / AP50 / AP75 by COCOeval; difficult
+  # objects ignored): the official recipe, multi-scale 480-800 and 12k iterations of 16 images (DETR: 100 epochs)
+  torchrun --nproc_per_node 8 finetune.py --preset voc --voc-root VOCdevkit --init outputs/box/checkpoint.pth
+  python finetune.py --preset voc --voc-root VOCdevkit --train-sets 2007-trainval --val-set 2007-test ...
+
   # Resume an interrupted run (same --output-dir)
   python finetune.py ... --resume
 
 Learning rate: --lr is given for 16 images per step and scaled linearly to
-the real batch (batch size x processes). The paper fine-tunes pre-trained
+the real batch (batch size x processes); so are --iterations and
+--lr-step-iterations, inversely (the same images seen). The paper fine-tunes pre-trained
 models with lr x1.5 and weight decay x0.5 (pass them explicitly). Every
 default shown by --help is the one the chosen --preset and --detector give.
 
@@ -58,15 +64,17 @@ import sys
 import time
 
 from aligndet import distributed as dist_utils
+from aligndet.atomic import atomic_write
 from aligndet.checkpoint import CheckpointError, RunCheckpoint, load_pretrained
 from aligndet.cli import (WORKERS_HELP, add_run_arguments, add_step_schedule_arguments, runbook_parser,
                           workers_count)
 from aligndet.data.coco import CocoDetection, collate_fn
 from aligndet.data.demo import DemoDataError, ensure_demo
 from aligndet.data.splits import label_fraction_split
+from aligndet.data.voc import VOC_CLASSES, format_report, voc_to_coco
 from aligndet.data.transforms import eval_transforms, train_transforms
-from aligndet.engine import (EpochBatches, JsonLog, NonFiniteLossError, evaluate, grad_scaler, start_run,
-                             step_schedule_optimizer, train_one_epoch)
+from aligndet.engine import (EpochBatches, JsonLog, NonFiniteLossError, evaluate, grad_scaler, iteration_epochs,
+                             scaled_iterations, start_run, step_schedule_optimizer, train_one_epoch)
 from aligndet.evaluation import CocoEvaluator
 from aligndet.models import DETECTORS, build_detector
 from aligndet.presets import PRESET_NAMES, finetune_defaults, model_options
@@ -78,6 +86,14 @@ def get_args_parser():
     d.add_argument("--train-images", help="folder the training json's file_names are relative to")
     d.add_argument("--val-json", help="COCO instances json of the validation set")
     d.add_argument("--val-images", help="folder of the validation images")
+    d.add_argument("--voc-root", help="Pascal VOC instead: the VOCdevkit folder (holding VOC2007, VOC2012, ...), "
+                   "converted to COCO json in --output-dir (aligndet/data/voc.py)")
+    d.add_argument("--train-sets", nargs="+", default=["2007-trainval", "2012-trainval"], metavar="YEAR-SPLIT",
+                   help="with --voc-root: the VOC sets to train on, joined")
+    d.add_argument("--val-set", default="2007-test", metavar="YEAR-SPLIT", help="with --voc-root: the VOC set "
+                   "to evaluate on")
+    d.add_argument("--voc-classes", choices=["standard", "data"], default="standard", help="with --voc-root: "
+                   "the 20 VOC classes in their standard order, or the names found in the sets, sorted")
     d.add_argument("--demo-root", default="data/demo", help="where the demo dataset lives / is built")
     d.add_argument("--label-fraction", type=float, default=1.0,
                    help="fine-tune on this fraction of the training images (0 < f <= 1), see aligndet/data/splits.py")
@@ -140,7 +156,11 @@ def get_args_parser():
                    "head.classification_head. (docs/method.md §7); give the flag with no prefix for the "
                    "official transfer of every module")
 
-    add_step_schedule_arguments(p, "passes over the (labelled) training set")
+    o = add_step_schedule_arguments(p, "passes over the (labelled) training set (unless --iterations)")
+    o.add_argument("--iterations", type=int, default=0, help="train for this many iterations of 16 images instead of "
+                   "--epochs, scaled to the real batch as --lr is (0: by epochs)")
+    o.add_argument("--lr-step-iterations", type=int, nargs="*", default=[], help="with --iterations: the "
+                   "iterations (of 16 images) at which lr is multiplied by 0.1")
 
     r = add_run_arguments(p, "outputs/finetune")
     r.add_argument("--eval-every", type=int, help="evaluate every N epochs (and always after the last)")
@@ -150,8 +170,13 @@ def get_args_parser():
 
 
 def resolve_data(args):
-    """Fill in the demo dataset's paths when no data is given (rank 0 builds it)."""
+    """Fill in the data paths: VOC sets converted to COCO json (rank 0 writes them), or the demo
+    dataset's when no data is given (rank 0 builds it)."""
     given = [args.train_json, args.train_images, args.val_json, args.val_images]
+    if args.voc_root:
+        if any(given):
+            sys.exit("finetune.py: give --voc-root or the COCO flags (--train-json ...), not both")
+        return resolve_voc(args)
     if all(given):
         return args
     if any(given):
@@ -165,6 +190,31 @@ def resolve_data(args):
     args.val_json = os.path.join(root, "annotations", "instances_val.json")
     args.train_images = os.path.join(root, "train")
     args.val_images = os.path.join(root, "val")
+    return args
+
+
+def resolve_voc(args):
+    """``--voc-root``'s ``--train-sets`` and ``--val-set`` as COCO jsons in ``--output-dir`` (difficult objects
+    as crowd, so training and COCOeval ignore them); the images stay where they are."""
+    args.train_json = os.path.join(args.output_dir, "voc_train.json")
+    args.val_json = os.path.join(args.output_dir, "voc_val.json")
+    args.train_images = args.val_images = args.voc_root
+    if dist_utils.is_main_process():
+        classes = VOC_CLASSES
+        if args.voc_classes == "data":  # one list for both, so that their category ids agree
+            found, _ = voc_to_coco(args.voc_root, args.train_sets + [args.val_set], classes_from_data=True)
+            classes = [c["name"] for c in found["categories"]]
+        for sets, path in ((args.train_sets, args.train_json), ([args.val_set], args.val_json)):
+            coco, report = voc_to_coco(args.voc_root, sets, classes)
+            if not coco["images"]:
+                raise FileNotFoundError(f"no readable VOC annotations in {' '.join(sets)} under {args.voc_root}: "
+                                        + format_report(report))
+            if report["unknown_class"] and not report["objects"]:
+                raise ValueError(f"no object in {' '.join(sets)} is of the 20 VOC classes (e.g. "
+                                 f"{report['unknown_class'][0]}); pass --voc-classes data for the names found")
+            atomic_write(path, lambda f: f.write(json.dumps(coco).encode()))
+            print(f"VOC {' + '.join(sets)}: {format_report(report)}\n  -> {path}", flush=True)
+    dist_utils.barrier()
     return args
 
 
@@ -217,6 +267,23 @@ def build_model(args, num_classes, log, label_to_cat=None):
     return model
 
 
+def resolve_schedule(args, world, iters_per_epoch, log):
+    """With ``--iterations``: set ``args.epochs`` to the epochs it spans and return the iterations of the
+    last one (the run stops there); by epochs, None."""
+    if not args.iterations:
+        if args.epochs is None:
+            raise ValueError("give --epochs or --iterations")
+        return None
+    images = args.batch_size * world
+    total = scaled_iterations(args.iterations, images)
+    args.epochs, last = iteration_epochs(total, iters_per_epoch)
+    log(f"schedule: {args.iterations} iterations of 16 images = {total} iterations of {images}, lr x0.1 at "
+        + (", ".join(str(scaled_iterations(s, images)) for s in args.lr_step_iterations) or "none")
+        + f"; {args.epochs} epochs of {iters_per_epoch} iterations (--epochs and --lr-steps are not used; "
+        "--iterations 0 trains by them)")
+    return last
+
+
 class Evaluation:
     """COCO evaluation of the model on the validation set; keeps every result in
     ``metrics`` (saved in checkpoints) and ``metrics.json``."""
@@ -234,7 +301,7 @@ class Evaluation:
         if main_proc:
             with open(os.path.join(self.args.output_dir, "metrics.json"), "w") as f:
                 json.dump(self.metrics, f, indent=1)
-            shown = ("AP", "AP50", "mask_AP", "mask_AP50")
+            shown = ("AP", "AP50", "AP75", "mask_AP", "mask_AP50")
             print(json.dumps({"epoch": epoch, "images": len(evaluator.results),
                               **{k: round(stats[k], 4) for k in shown if k in stats}}))
         return stats
@@ -254,6 +321,7 @@ def main(args):
     val_batches = EpochBatches(val_set, args.batch_size, args.workers, rank, world, args.seed, shuffle=False,
                                collate_fn=collate_fn)
     iters_per_epoch = len(train_batches)
+    last_epoch_iters = resolve_schedule(args, world, iters_per_epoch, log)
     optimizer, lr_fn = step_schedule_optimizer(model_without_ddp, args, world, iters_per_epoch)
     scaler = grad_scaler(args.amp)
 
@@ -275,7 +343,8 @@ def main(args):
         f"batch {args.batch_size * world}, lr {lr_fn.base_lr:g}, {args.epochs} epochs of {iters_per_epoch} iterations")
     for epoch in range(start_epoch, args.epochs):
         t0 = time.time()
-        means = train_one_epoch(model, optimizer, train_batches.loader(epoch, start_iter), device, epoch, lr_fn,
+        stop = last_epoch_iters if epoch + 1 == args.epochs else None
+        means = train_one_epoch(model, optimizer, train_batches.loader(epoch, start_iter, stop), device, epoch, lr_fn,
                                 scaler, args.amp, log_file, checkpoint, args.clip_grad_norm)
         start_iter = 0
         checkpoint.save(epoch + 1)  # before evaluating, so a crash there loses no training
@@ -290,7 +359,8 @@ def main(args):
     if metrics:
         final = metrics[-1]
         masks = f"; mask AP {final['mask_AP']:.4f} (AP50 {final['mask_AP50']:.4f})" if "mask_AP" in final else ""
-        log(f"final COCO AP on {args.val_json}: {final['AP']:.4f} (AP50 {final['AP50']:.4f}){masks}")
+        log(f"final COCO AP on {args.val_json}: {final['AP']:.4f} (AP50 {final['AP50']:.4f}, "
+            f"AP75 {final['AP75']:.4f}){masks}")
     dist_utils.cleanup()
     return metrics
 

@@ -84,7 +84,7 @@ from aligndet.data.views import TwoViewDataset, build_view_transform, two_view_c
 from aligndet.engine import (EpochBatches, JsonLog, NonFiniteLossError, grad_scaler, start_run,
                              step_schedule_optimizer, train_one_epoch)
 from aligndet.models import build_detector
-from aligndet.presets import BOX_VIEWS, PRESET_NAMES, box_defaults, model_defaults, model_options
+from aligndet.presets import BOX_PRESET_NAMES, BOX_VIEWS, box_defaults, model_defaults, model_options
 from aligndet.pretrain.box import AlignDet
 from aligndet.pretrain.hooks import BOX_DOMAIN_DETECTORS
 
@@ -108,7 +108,7 @@ def get_args_parser():
     d.add_argument("--workers", type=workers_count, default="auto", help=WORKERS_HELP)
 
     m = p.add_argument_group("model (the architecture is finetune.py's for the same --preset and --detector)")
-    m.add_argument("--preset", choices=PRESET_NAMES, default="demo", help="architecture and schedule")
+    m.add_argument("--preset", choices=BOX_PRESET_NAMES, default="demo", help="architecture and schedule")
     m.add_argument("--detector", choices=sorted(BOX_DOMAIN_DETECTORS + ("mask_rcnn",)), default="faster_rcnn",
                    help="the detector whose neck and heads are pre-trained; fine-tune it with the same --detector "
                    "(mask_rcnn: use faster_rcnn's checkpoint)")

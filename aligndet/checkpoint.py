@@ -23,7 +23,7 @@ from aligndet.models.weights import CheckpointError, load_backbone_weights, summ
 from aligndet.models.weights import read_checkpoint as load_checkpoint
 
 __all__ = ["CHECKPOINT_NAME", "CheckpointError", "args_to_dict", "latest_checkpoint", "load_checkpoint",
-           "load_finetuned_detector", "load_pretrained", "save_checkpoint", "RunCheckpoint"]
+           "load_detector", "load_finetuned_detector", "load_pretrained", "save_checkpoint", "RunCheckpoint"]
 
 CHECKPOINT_NAME = "checkpoint.pth"
 
@@ -251,15 +251,72 @@ class RunCheckpoint:
         return ckpt
 
 
+def load_detector(path):
+    """The detector of a ``finetune.py`` or ``train_box.py`` checkpoint, ready to predict:
+    ``(model, class_names, label_to_cat)`` as ``load_finetuned_detector`` gives them.
+
+    A box-domain checkpoint (``stage: "box"``) gives what stage 2 trained (docs/method.md §3.8):
+    Faster R-CNN and FCOS are wrapped in a class-agnostic ``aligndet.objectness.ObjectnessDetector`` (one
+    class, "object"), DETR runs as it is over its pseudo-classes (label ``l`` is cluster id ``l - 1`` and is
+    named so; category id = label), and RetinaNet, which has no trained score, is refused, as is a stage-1
+    checkpoint (a backbone only).
+    """
+    ckpt = load_checkpoint(path)
+    ckpt = ckpt if isinstance(ckpt, dict) else {}
+    stage = ckpt.get("stage")
+    if stage == "finetune":
+        return _finetuned_detector(ckpt, path)
+    if stage == "box":
+        return _box_domain_detector(ckpt, path)
+    if stage == "image" or ("backbone" in ckpt and "model" not in ckpt):
+        raise CheckpointError(f"{path}: a stage-1 backbone checkpoint has no detector; pre-train one on it "
+                              f"(train_box.py --init {path}) or fine-tune one (finetune.py --init {path}), and "
+                              "predict with that checkpoint")
+    raise CheckpointError(f"{path} is not a finetune.py or train_box.py checkpoint (stage {stage!r})")
+
+
+def _box_domain_detector(ckpt, path):
+    """A train_box.py checkpoint's online detector, rebuilt as train_box.py built it (load_detector)."""
+    from aligndet.models import build_detector
+    from aligndet.objectness import ObjectnessDetector
+    from aligndet.presets import model_defaults, model_options
+
+    args = ckpt.get("args") or {}
+    detector = ckpt.get("detector") or args.get("detector")
+    if detector == "retinanet":
+        raise CheckpointError(f"{path} is a box-domain RetinaNet: stage 2 trains its box regression only and leaves "
+                              "its classifier at its initialisation, so it has no score to rank detections by; "
+                              f"fine-tune it first (finetune.py --detector retinanet --init {path}) and predict with "
+                              "that checkpoint")
+    if detector not in ("faster_rcnn", "fcos", "detr") or "model" not in ckpt:
+        raise CheckpointError(f"{path} is not a train_box.py checkpoint of a known detector (detector {detector!r})")
+    state = ckpt["model"]
+    # DETR has one class per pseudo-class cluster and a "no object" row; the others one class.
+    num_classes = state["class_embed.weight"].shape[0] - 1 if detector == "detr" else 1
+    defaults = model_defaults(detector, args.get("preset", "demo"))  # train_box.py's architecture for its preset
+    options = dict(model_options(detector, defaults), backbone_weights=None)  # the weights come next
+    model = build_detector(detector, num_classes, backbone=args.get("backbone") or defaults["backbone"], **options)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: its weights do not fit the {detector} of its own args: {e}") from None
+    if detector == "detr":
+        return model.eval(), [f"cluster {c}" for c in range(num_classes)], {i: i for i in range(1, num_classes + 1)}
+    return ObjectnessDetector(model).eval(), list(ObjectnessDetector.CLASS_NAMES), {1: 1}
+
+
 def load_finetuned_detector(path):
     """The detector of a ``finetune.py`` checkpoint, rebuilt from its own args and weights, in eval mode.
 
     Returns ``(model, class_names, label_to_cat)``; ``class_names[i - 1]`` names label ``i``.
     """
+    return _finetuned_detector(load_checkpoint(path), path)
+
+
+def _finetuned_detector(ckpt, path):
     from aligndet.models import build_detector
     from aligndet.presets import model_options
 
-    ckpt = load_checkpoint(path)
     args = ckpt.get("args") or {}
     if ckpt.get("stage") != "finetune" or "detector" not in args:
         raise CheckpointError(f"{path} is not a finetune.py checkpoint (stage {ckpt.get('stage')!r})")

@@ -107,7 +107,22 @@ def step_schedule_optimizer(model, args, world_size, iters_per_epoch):
         optimizer = torch.optim.AdamW(groups, lr=base_lr, weight_decay=args.weight_decay, foreach=True)
     else:
         raise ValueError(f"unknown optimizer {kind!r}; choose sgd or adamw")
+    if getattr(args, "iterations", 0):  # an iteration schedule: steps in iterations of 16 images
+        steps = [scaled_iterations(s, args.batch_size * world_size) for s in args.lr_step_iterations]
+        return optimizer, StepLR(base_lr, 1, args.warmup_iters, steps)
     return optimizer, StepLR(base_lr, iters_per_epoch, args.warmup_iters, args.lr_steps)
+
+
+def scaled_iterations(iterations, images_per_step):
+    """``iterations`` given for 16 images per step (as ``--lr`` is) at ``images_per_step``: the
+    same number of images seen, e.g. the official 12k VOC iterations are 96k at 2 images per step."""
+    return max(1, round(iterations * 16 / images_per_step))
+
+
+def iteration_epochs(total_iterations, iters_per_epoch):
+    """The epochs an iteration schedule spans: ``(epochs, iterations of the last epoch)``."""
+    epochs = -(-total_iterations // iters_per_epoch)
+    return epochs, total_iterations - (epochs - 1) * iters_per_epoch
 
 
 def grad_scaler(amp):
@@ -158,10 +173,10 @@ class EpochBatches:
             full = -(-len(self.sampler) // self.batch_size)
         return full if self.max_iters is None else min(full, self.max_iters)
 
-    def loader(self, epoch=0, start=0):
-        """The batches of ``epoch`` from batch ``start`` on: an iterable with ``len()``
-        (iterations of the whole epoch) and ``start``; ``start`` skips trained
-        batches without loading their images."""
+    def loader(self, epoch=0, start=0, stop=None):
+        """The batches of ``epoch`` from batch ``start`` on (up to batch ``stop``, when a schedule
+        ends mid-epoch): an iterable with ``len()`` (iterations of the whole epoch), ``start`` and
+        ``stop``; ``start`` skips trained batches without loading their images."""
         self.sampler.set_epoch(epoch)
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
@@ -169,18 +184,20 @@ class EpochBatches:
         batches = [indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
         if self.drop_last and batches and len(batches[-1]) < self.batch_size:
             batches.pop()
-        batches = batches[:max(len(self) - start, 0)]
+        stop = len(self) if stop is None else min(stop, len(self))
+        batches = batches[:max(stop - start, 0)]
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, num_workers=self.workers,
                                              collate_fn=self.collate_fn, persistent_workers=False)
-        return EpochLoader(loader, start, len(self))
+        return EpochLoader(loader, start, len(self), stop)
 
 
 class EpochLoader:
-    """An iterable of batches that knows where in its epoch it starts (``start``)
-    and how many iterations the whole epoch has (``len()``)."""
+    """An iterable of batches that knows where in its epoch it starts (``start``) and
+    stops (``stop``), and how many iterations the whole epoch has (``len()``)."""
 
-    def __init__(self, batches, start, length):
+    def __init__(self, batches, start, length, stop=None):
         self.batches, self.start, self.length = batches, start, length
+        self.stop = length if stop is None else stop
 
     def __iter__(self):
         return iter(self.batches)
@@ -235,8 +252,8 @@ def train_one_epoch(model, optimizer, batches, device, epoch, lr_fn, scaler=None
     core = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     iters = len(batches)
     sums, count, skipped, start = {}, 0, 0, time.time()
-    bar = tqdm(batches, total=iters, initial=batches.start, desc=f"epoch {epoch}", disable=not is_main_process(),
-               dynamic_ncols=True, file=sys.stdout)
+    bar = tqdm(batches, total=getattr(batches, "stop", iters), initial=batches.start, desc=f"epoch {epoch}",
+               disable=not is_main_process(), dynamic_ncols=True, file=sys.stdout)
     for iteration, batch in enumerate(bar, start=batches.start):
         if len(batch[0]) == 0:  # every image of the batch was unreadable
             skipped += 1

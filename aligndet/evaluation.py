@@ -97,7 +97,7 @@ class CocoEvaluator:
         return all_gather_object(stats)[0]
 
 
-def evaluate_detections(coco_gt, detections, label_to_cat, image_ids=None, verbose=True):
+def evaluate_detections(coco_gt, detections, label_to_cat, image_ids=None, verbose=True, use_categories=True):
     """COCO box AP (and mask AP) of ``detections`` against ``coco_gt`` (a ``pycocotools.coco.COCO``).
 
     Args:
@@ -106,6 +106,8 @@ def evaluate_detections(coco_gt, detections, label_to_cat, image_ids=None, verbo
         label_to_cat: ``{label: category_id}``.
         image_ids: images to score (images without detections count as misses);
             default: the keys of ``detections``.
+        use_categories: False scores class-agnostic detections against every ground-truth box,
+            whatever its category (COCOeval's ``useCats = 0``).
     Returns:
         dict with the 12 ``STAT_NAMES`` (and the 12 ``MASK_STAT_NAMES`` for detections
         with masks). Without any detection all are 0.0.
@@ -116,20 +118,21 @@ def evaluate_detections(coco_gt, detections, label_to_cat, image_ids=None, verbo
     for image_id in image_ids:
         if image_id in detections:
             results += to_coco_results(image_id, detections[image_id], label_to_cat)
-    return _box_and_mask_ap(coco_gt, results, image_ids, verbose)
+    return _box_and_mask_ap(coco_gt, results, image_ids, verbose, use_categories)
 
 
-def _box_and_mask_ap(coco_gt, results, image_ids, verbose):
+def _box_and_mask_ap(coco_gt, results, image_ids, verbose, use_categories=True):
     """Box AP of the results; mask AP too (``mask_`` names) where they carry segmentations."""
     with_masks = any("segmentation" in r for r in results)
     stats = _run_cocoeval(coco_gt, [{k: v for k, v in r.items() if k != "segmentation"} for r in results],
-                          image_ids, verbose)
+                          image_ids, verbose, use_categories=use_categories)
     if with_masks:
         if verbose:
             print("mask AP (segm):")
         # Without "bbox", loadRes takes each result's box and area from its mask.
         segm = _run_cocoeval(_mask_ground_truth(coco_gt), [{k: v for k, v in r.items() if k != "bbox"}
-                                                           for r in results], image_ids, verbose, "segm")
+                                                           for r in results], image_ids, verbose, "segm",
+                             use_categories)
         stats.update({f"mask_{name}": value for name, value in segm.items()})
     return stats
 
@@ -149,7 +152,7 @@ def _mask_ground_truth(coco_gt):
     return gt
 
 
-def _run_cocoeval(coco_gt, results, image_ids, verbose, iou_type="bbox"):
+def _run_cocoeval(coco_gt, results, image_ids, verbose, iou_type="bbox", use_categories=True):
     """COCOeval (``iou_type`` "bbox" or "segm") of COCO result dicts, restricted to ``image_ids``."""
     unknown = sorted(set(image_ids) - set(coco_gt.getImgIds()))
     if unknown:
@@ -166,6 +169,7 @@ def _run_cocoeval(coco_gt, results, image_ids, verbose, iou_type="bbox"):
         coco_dt = coco_gt.loadRes([dict(r) for r in results])
         coco_eval = COCOeval(coco_gt, coco_dt, iouType=iou_type)
         coco_eval.params.imgIds = image_ids
+        coco_eval.params.useCats = int(use_categories)
         coco_eval.evaluate()
         coco_eval.accumulate()
         coco_eval.summarize()

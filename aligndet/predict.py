@@ -1,4 +1,4 @@
-"""Run a fine-tuned detector on images: COCO results json, pictures, and COCO AP when there is ground truth.
+"""Run a fine-tuned or box-domain detector on images: COCO results json, pictures, COCO AP if there is ground truth.
 
     # a folder (recursive) or one file; results with the training data's category ids
     python -m aligndet.predict --checkpoint outputs/demo/ft_b/checkpoint.pth --images my_images/ \\
@@ -8,16 +8,31 @@
     python -m aligndet.predict --checkpoint outputs/demo/ft_b/checkpoint.pth \\
         --images data/demo/val --json data/demo/annotations/instances_val.json --out val_detections.json
 
-The checkpoint is a ``finetune.py`` one: the detector is rebuilt from its own
-arguments and weights, and its class names and category ids come with it (a
-checkpoint without them gets numbered labels). ``--torchvision BUILDER`` runs
-one of torchvision's detectors instead, converted to ours (``aligndet.convert``),
-from its state dict file or its default COCO weights:
+A ``finetune.py`` checkpoint: the detector is rebuilt from its own arguments
+and weights, and its class names and category ids come with it (a checkpoint
+without them gets numbered labels).
+
+A box-domain checkpoint (``train_box.py``) gives what stage 2 trained. Stage 2
+leaves the classifiers at their initialisation (the embedding head replaces
+them), so its detector knows where objects are, not which: Faster R-CNN gives its
+RPN's proposals after NMS scored by objectness, FCOS its boxes scored by
+centerness alone, at most 100 per image, as one class "object" (category id 1).
+DETR's class head trains on the proposals' k-means pseudo-classes, so it runs as
+it is: label l is named "cluster l-1" (the id in the cache's clusters/ folder)
+and keeps l as its category id. RetinaNet trains only its box regression there
+and is refused: fine-tune it first. A stage-1 checkpoint holds no detector.
+
+    python -m aligndet.predict --checkpoint outputs/box/checkpoint.pth --images data/demo/val --draw objects/ \\
+        --draw-top 10 --json data/demo/annotations/instances_val.json   # + class-agnostic AP
+
+``--torchvision BUILDER`` runs one of torchvision's detectors instead, converted
+to ours (``aligndet.convert``), from its state dict file or its default COCO weights:
 
     python -m aligndet.predict --torchvision fasterrcnn_resnet50_fpn --checkpoint default --images my_images/
- Unreadable images are named and
-skipped. Pictures draw the boxes with score >= ``--draw-threshold``, with class
-names and scores (and Mask R-CNN's masks).
+
+Unreadable images are named and skipped. Pictures draw the boxes with score >=
+``--draw-threshold`` (the best ``--draw-top`` of them), with class names and
+scores (and Mask R-CNN's masks).
 """
 import argparse
 import json
@@ -28,10 +43,11 @@ import torch
 from tqdm import tqdm
 
 from aligndet.atomic import atomic_write
-from aligndet.checkpoint import CheckpointError, load_finetuned_detector
+from aligndet.checkpoint import CheckpointError, load_detector
 from aligndet.data.images import ImageReadError, ImageRecord, list_images, read_rgb
 from aligndet.evaluation import evaluate_detections, to_coco_results
 from aligndet.visualize import draw_labelled
+from aligndet.objectness import ObjectnessDetector
 
 
 def input_records(images, json_file=None):
@@ -114,8 +130,10 @@ def label_texts(output, class_names, threshold):
 def get_args_parser():
     p = argparse.ArgumentParser("python -m aligndet.predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a finetune.py checkpoint; with --torchvision, that "
-                   "model's state dict file, or 'default' for its COCO weights (downloaded)")
+    p.add_argument("--checkpoint", required=True, help="a finetune.py checkpoint, or a train_box.py one (class-"
+                   "agnostic 'object' detections by what stage 2 trained: Faster R-CNN's RPN objectness, FCOS's "
+                   "centerness; DETR's pseudo-classes; RetinaNet refused); with --torchvision, that model's state "
+                   "dict file, or 'default' for its COCO weights (downloaded)")
     p.add_argument("--torchvision", metavar="BUILDER", help="a torchvision detector instead, converted to ours "
                    "(e.g. fasterrcnn_resnet50_fpn, maskrcnn_resnet50_fpn, retinanet_resnet50_fpn, fcos_resnet50_fpn)")
     p.add_argument("--num-classes", type=int, default=91, help="with --torchvision and a file: its classes, "
@@ -127,6 +145,8 @@ def get_args_parser():
     p.add_argument("--draw", help="folder for one PNG per image with the detections drawn")
     p.add_argument("--score-threshold", type=float, default=0.05, help="detections kept in the json")
     p.add_argument("--draw-threshold", type=float, default=0.5, help="detections drawn in the pictures")
+    p.add_argument("--draw-top", type=int, default=0, help="draw at most this many of each image's best detections "
+                   "(0: all above --draw-threshold; e.g. 10 for a box-domain detector, whose objects are many)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
     return p
@@ -138,7 +158,7 @@ def main(argv=None):
     try:
         model, class_names, label_to_cat = (
             load_torchvision_detector(args.torchvision, args.checkpoint, args.num_classes) if args.torchvision
-            else load_finetuned_detector(args.checkpoint))
+            else load_detector(args.checkpoint))
         records = input_records(args.images, args.json)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
@@ -157,7 +177,11 @@ def main(argv=None):
         for r in records:
             if r.image_id in outputs:
                 rgb = read_rgb(r.path)
-                boxes, texts, masks = label_texts(outputs[r.image_id], class_names, args.draw_threshold)
+                found = outputs[r.image_id]
+                if args.draw_top:
+                    best = found["scores"].argsort(descending=True)[:args.draw_top]
+                    found = {k: v[best] for k, v in found.items()}
+                boxes, texts, masks = label_texts(found, class_names, args.draw_threshold)
                 picture = draw_labelled(rgb, boxes, texts, scale=max(1.0, 384 / max(rgb.shape[:2])), masks=masks)
                 picture.save(os.path.join(args.draw, r.key.replace("/", "__").rsplit(".", 1)[0] + ".png"))
         print(f"pictures in {args.draw}")
@@ -169,10 +193,12 @@ def main(argv=None):
                 coco = COCO(args.json)
             finally:
                 sys.stdout = stdout
+        agnostic = class_names == ObjectnessDetector.CLASS_NAMES  # box-domain: any ground-truth box is an object
         stats = evaluate_detections(coco, outputs, label_to_cat, image_ids=[r.image_id for r in records],
-                                    verbose=False)
-        print("COCO " + ", ".join(f"{k} {v:.4f}" for k, v in stats.items() if k in ("AP", "AP50", "AP75",
-                                                                                    "mask_AP", "mask_AP50")))
+                                    verbose=False, use_categories=not agnostic)
+        shown = ("AP", "AP50", "AP75", "mask_AP", "mask_AP50")
+        print(("class-agnostic COCO " if agnostic else "COCO ")
+              + ", ".join(f"{k} {v:.4f}" for k, v in stats.items() if k in shown))
     return outputs
 
 

@@ -28,6 +28,9 @@ BACKBONES = {
                  min_size=[128], max_size=128),
     # The standard COCO setting: torchvision's ImageNet ResNet-50, the builders' defaults otherwise.
     "coco": dict(backbone="resnet50", backbone_weights="imagenet"),
+    # Pascal VOC (fine-tuning only: the paper pre-trains on COCO and transfers): COCO's model, trained at a short
+    # side drawn from 480, 512, ..., 800 and tested at 800, the official VOC pipeline.
+    "voc": dict(backbone="resnet50", backbone_weights="imagenet", min_size=list(range(480, 801, 32)), max_size=1333),
 }
 # The RoI-align backward pass dominates on a CPU, hence 64 sampled RoIs per image in the demo.
 FASTER_RCNN_DEMO = dict(representation_size=256, anchor_sizes=[16, 32, 64, 128, 256], rpn_pre_nms_top_n_train=600,
@@ -49,7 +52,7 @@ DETECTOR_PRESETS = {
     ("detr", "demo"): dict(num_queries=10, enc_layers=2, dec_layers=2, hidden_dim=128, nheads=4, dim_feedforward=512,
                            dropout=0.0, feature_stage=3, norm="frozen_bn", trainable_layers=0),
 }
-PRESET_NAMES = tuple(BACKBONES)
+PRESET_NAMES = tuple(BACKBONES)  # finetune.py's; train_box.py has BOX_PRESET_NAMES
 
 # Fine-tuning (finetune.py).
 FINETUNE = {
@@ -59,6 +62,9 @@ FINETUNE = {
     # The standard COCO 1x recipe (12 epochs, steps at 8 and 11).
     "coco": dict(epochs=12, batch_size=2, lr=0.02, weight_decay=1e-4, warmup_iters=500, lr_steps=[8, 11],
                  eval_every=1, box_init_skip=[]),
+    # The official VOC recipe: 12k iterations of 16 images, lr steps at 9k and 11k (scaled to the real batch).
+    "voc": dict(epochs=None, iterations=12000, lr_step_iterations=[9000, 11000], batch_size=2, lr=0.02,
+                weight_decay=1e-4, warmup_iters=500, lr_steps=[], eval_every=4, box_init_skip=[]),
 }
 # The one-stage detectors' lr is half Faster R-CNN's, as in torchvision's and the paper's recipes. On the demo their
 # classification tower is not taken from a box-domain checkpoint: stage 2 collapses it there (docs/method.md §7).
@@ -73,7 +79,13 @@ FINETUNE_PER_DETECTOR = {("retinanet", "demo"): dict(lr=0.02, box_init_skip=ONE_
                          ("detr", "demo"): dict(**DETR_OPTIMISER, lr=5e-4, warmup_iters=200, epochs=40, lr_steps=[35],
                                                 eval_every=10, cache_backbone_features=True),
                          ("detr", "coco"): dict(**DETR_OPTIMISER, lr=1e-4, warmup_iters=0, epochs=150,
-                                                lr_steps=[100])}
+                                                lr_steps=[100]),
+                         # The official VOC settings: lr 0.01 for the one-stage detectors, FCOS's gradients clipped
+                         # at 35; DETR by epochs (100, step at 70) and without clipping.
+                         ("retinanet", "voc"): dict(lr=0.01),
+                         ("fcos", "voc"): dict(lr=0.01, clip_grad_norm=35.0),
+                         ("detr", "voc"): dict(**dict(DETR_OPTIMISER, clip_grad_norm=0.0), lr=1e-4, warmup_iters=0,
+                                               epochs=100, lr_steps=[70], iterations=0, lr_step_iterations=[])}
 
 # Box-domain pre-training (train_box.py).
 BOX = {
@@ -102,6 +114,7 @@ BOX_PER_DETECTOR = {
     ("detr", "coco"): dict(**DETR_OPTIMISER, lr=5e-5, warmup_iters=0, epochs=50, lr_steps=[40], num_samples=0,
                            max_proposals=50, select="first"),
 }
+BOX_PRESET_NAMES = tuple(BOX)
 BOX_VIEWS = {"demo": DEMO_VIEW, "coco": COCO_VIEW}
 
 

@@ -16,7 +16,8 @@ import finetune
 import train_box
 from aligndet.checkpoint import RunCheckpoint, load_checkpoint
 from aligndet.cli import PresetParser
-from aligndet.engine import EpochBatches, JsonLog, NonFiniteLossError, step_schedule_optimizer, train_one_epoch
+from aligndet.engine import (EpochBatches, JsonLog, NonFiniteLossError, iteration_epochs, scaled_iterations,
+                             step_schedule_optimizer, train_one_epoch)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -63,6 +64,33 @@ def test_script_help_shows_preset_and_detector_values():
     demo = train_box.get_args_parser().parse_args(["--detector", "fcos"])
     assert demo.num_samples == 2048 and demo.backbone == "resnet18"
     assert finetune.get_args_parser().parse_args([]).fpn_channels == 32
+
+
+def test_the_voc_preset_is_the_official_recipe_and_train_box_has_none():
+    parse = finetune.get_args_parser().parse_args
+    frcnn = parse(["--preset", "voc"])
+    assert frcnn.min_size == list(range(480, 801, 32)) and frcnn.max_size == 1333 and frcnn.backbone == "resnet50"
+    assert (frcnn.iterations, frcnn.lr_step_iterations, frcnn.lr, frcnn.batch_size) == (12000, [9000, 11000], 0.02, 2)
+    fcos = parse(["--preset", "voc", "--detector", "fcos"])
+    assert (fcos.lr, fcos.clip_grad_norm, fcos.iterations) == (0.01, 35.0, 12000)
+    detr = parse(["--preset", "voc", "--detector", "detr"])
+    assert (detr.iterations, detr.epochs, detr.lr_steps, detr.clip_grad_norm, detr.optimizer) == (0, 100, [70], 0.0,
+                                                                                                  "adamw")
+    assert detr.min_size == frcnn.min_size  # the same multi-scale pipeline
+    with pytest.raises(SystemExit):  # pre-training for VOC is COCO's (the paper's transfer)
+        train_box.get_args_parser().parse_args(["--preset", "voc"])
+
+
+def test_an_iteration_schedule_is_scaled_to_the_batch_and_ends_mid_epoch():
+    assert scaled_iterations(12000, 2) == 96000 and scaled_iterations(12000, 16) == 12000
+    assert iteration_epochs(96000, 1034) == (93, 96000 - 92 * 1034) and iteration_epochs(8, 4) == (2, 4)
+    args = argparse.Namespace(lr=0.02, batch_size=2, momentum=0.9, weight_decay=1e-4, warmup_iters=0, lr_steps=[1],
+                              iterations=12000, lr_step_iterations=[9000, 11000])
+    _, lr_fn = step_schedule_optimizer(nn.Linear(2, 1), args, 1, 1034)
+    assert lr_fn(71999) == pytest.approx(0.0025) and lr_fn(72000) == pytest.approx(0.00025)
+    assert lr_fn(88000) == pytest.approx(0.000025)  # epoch-based --lr-steps are not used
+    loader = EpochBatches(Pairs(), 3, 0, 0, 1, 0, shuffle=False, collate_fn=_collate).loader(0, start=1, stop=3)
+    assert len(loader) == 4 and loader.stop == 3 and [x[:, 0].tolist() for x, _ in loader] == [[3, 4, 5], [6, 7, 8]]
 
 
 class Toy(nn.Module):

@@ -58,6 +58,16 @@ def test_ground_truth_as_predictions_is_perfect(capsys):
     assert "Average Precision" in capsys.readouterr().out
 
 
+def test_class_agnostic_detections_score_against_every_box():
+    """One class, "object" (label 1 -> category 5): with categories it finds only category 5's boxes; class-agnostic
+    (useCats 0) every ground-truth box counts, so the ground truth as objects is perfect."""
+    objects = {i: dict(d, labels=torch.ones_like(d["labels"])) for i, d in gt_as_detections().items()}
+    by_class = evaluate_detections(make_gt(), objects, {1: 5}, verbose=False)
+    agnostic = evaluate_detections(make_gt(), objects, {1: 5}, verbose=False, use_categories=False)
+    assert agnostic["AP"] == pytest.approx(1.0) and agnostic["AR100"] == pytest.approx(1.0)
+    assert by_class["AP"] < 1.0
+
+
 def test_evaluator_matches_function_and_dedups():
     coco, detections = make_gt(), gt_as_detections()
     evaluator = CocoEvaluator(coco, LABEL_TO_CAT)

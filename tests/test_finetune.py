@@ -184,3 +184,29 @@ def test_a_finetuned_checkpoint_rebuilds_its_detector_and_draws_detections(squar
     torch.save({"stage": "box", "args": {"detector": "faster_rcnn"}}, tmp_path / "box.pth")
     with pytest.raises(CheckpointError, match="not a finetune.py checkpoint"):
         load_finetuned_detector(tmp_path / "box.pth")
+
+
+def test_voc_sets_train_by_iterations_and_evaluate(squares_coco, tmp_path):
+    """--voc-root: the sets converted to COCO json in the output folder; --iterations counts 16-image steps,
+    scaled to the real batch, and stops mid-epoch; the classes must be VOC's unless --voc-classes data."""
+    from aligndet.data.voc import coco_to_voc
+
+    root = str(tmp_path / "VOCdevkit")
+    coco_to_voc(squares_coco["train_json"], squares_coco["train_images"], root, "2007", "trainval")
+    coco_to_voc(squares_coco["val_json"], squares_coco["val_images"], root, "2007", "test")
+    out = str(tmp_path / "run")
+    voc = ["--voc-root", root, "--train-sets", "2007-trainval", "--val-set", "2007-test", "--output-dir", out]
+    with pytest.raises(ValueError, match="pass --voc-classes data"):
+        _run(voc + SMALL)
+    # batch 4: 2 iterations of 16 images are 8 steps, 3 per epoch of 12 images, so epoch 2 stops after 2
+    metrics = _run(voc + SMALL + ["--voc-classes", "data", "--iterations", "2", "--lr-step-iterations", "1",
+                                  "--lr", "0.02", "--eval-every", "5"])
+    assert [m["epoch"] for m in metrics] == [3] and {"AP", "AP50", "AP75"} <= set(metrics[0])
+    with open(os.path.join(out, "log.jsonl")) as f:
+        steps = [(r["epoch"], r["iter"], r["lr"]) for r in map(json.loads, f) if "iter" in r]
+    assert [(e, i) for e, i, _ in steps] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (2, 0), (2, 1)]
+    base = 0.02 * 4 / 16
+    assert steps[3][2] == pytest.approx(base) and steps[4][2] == pytest.approx(base * 0.1)  # step at 4 = 1 x 16 / 4
+    with open(os.path.join(out, "voc_train.json")) as f:
+        assert [c["name"] for c in json.load(f)["categories"]] == ["class3", "class7"]
+    assert load_checkpoint(os.path.join(out, "checkpoint.pth"))["class_names"] == ["class3", "class7"]

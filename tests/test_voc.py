@@ -101,3 +101,26 @@ def test_class_names_from_the_data_and_clear_errors(tmp_path):
         main(["to-coco", "--voc-root", root, "--sets", "2007-test", "--out", str(tmp_path / "x.json")])
     with pytest.raises(SystemExit, match="YEAR-SPLIT"):
         main(["to-coco", "--voc-root", root, "--sets", "trainval", "--out", str(tmp_path / "x.json")])
+
+
+def test_a_coco_json_written_as_a_voc_set_reads_back_the_same(squares_coco, tmp_path):
+    root = str(tmp_path / "VOCdevkit")
+    with open(squares_coco["train_json"]) as f:
+        source = json.load(f)
+    source["annotations"][0]["iscrowd"] = 1  # becomes a difficult object, and crowd again
+    crowd_json = str(tmp_path / "crowd.json")
+    with open(crowd_json, "w") as f:
+        json.dump(source, f)
+    assert main(["from-coco", "--json", crowd_json, "--images", squares_coco["train_images"], "--voc-root", root,
+                 "--set", "2007-trainval"]) == len(source["images"])
+    back, report = voc_to_coco(root, ["2007-trainval"], classes_from_data=True)
+    assert report["difficult"] == 1 and not report["unknown_class"] and not report["broken_box"]
+    assert [c["name"] for c in back["categories"]] == ["class3", "class7"]
+    assert [im["file_name"] for im in back["images"]] == [
+        f"VOC2007/JPEGImages/trainval_{os.path.splitext(im['file_name'])[0]}.jpg" for im in source["images"]]
+    name_of = {c["id"]: c["name"] for c in source["categories"]}
+    back_name = {c["id"]: c["name"] for c in back["categories"]}
+    assert [(a["bbox"], name_of[a["category_id"]], a["iscrowd"]) for a in source["annotations"]] == \
+        [(a["bbox"], back_name[a["category_id"]], a["iscrowd"]) for a in back["annotations"]]
+    picture = Image.open(os.path.join(root, back["images"][0]["file_name"]))
+    assert picture.format == "JPEG" and picture.size == (96, 96)

@@ -7,6 +7,10 @@
     python finetune.py --train-json VOCdevkit/voc0712_trainval.json --train-images VOCdevkit \\
         --val-json VOCdevkit/voc07_test.json --val-images VOCdevkit ...
 
+    # the other way: a COCO json as a VOC set (the demo data as VOC07, to try the VOC path)
+    python -m aligndet.data.voc from-coco --json data/demo/annotations/instances_train.json \
+        --images data/demo/train --voc-root outputs/demo_voc --set 2007-trainval
+
 A set ``YEAR-SPLIT`` is ``VOC<YEAR>/ImageSets/Main/<SPLIT>.txt`` under ``--voc-root``; each listed id has
 ``VOC<YEAR>/Annotations/<id>.xml`` and ``VOC<YEAR>/JPEGImages/<id>.jpg``. The json's ``file_name`` is
 relative to ``--voc-root``. Classes are the 20 standard ones in their standard order (category ids 1..20),
@@ -19,7 +23,9 @@ own evaluation does. ``truncated`` objects are ordinary objects. A missing or ma
 image; an object of a class outside the list, or with a broken box, is skipped; each is counted and named.
 """
 import argparse
+import json
 import os
+import shutil
 import sys
 import xml.etree.ElementTree as ET
 
@@ -102,6 +108,53 @@ def voc_to_coco(voc_root, sets, classes=VOC_CLASSES, classes_from_data=False):
     return coco, report
 
 
+def coco_to_voc(json_file, images, voc_root, year, split, prefix=None):
+    """Write a COCO json's images and boxes as the VOCdevkit set ``<year>-<split>`` under ``voc_root``
+    (``voc_to_coco``'s inverse): one XML per image, its image as JPEG (copied if it is one, else
+    written at quality 95) and the set's list, with ids ``<prefix><file stem>`` (prefix: ``<split>_``).
+    Crowd boxes become ``difficult`` objects. Returns the number of images written."""
+    from PIL import Image
+
+    with open(json_file) as f:
+        coco = json.load(f)
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    boxes = {}
+    for ann in coco.get("annotations", []):
+        boxes.setdefault(ann["image_id"], []).append(ann)
+    folder = os.path.join(voc_root, f"VOC{year}")
+    for sub in ("Annotations", "JPEGImages", os.path.join("ImageSets", "Main")):
+        os.makedirs(os.path.join(folder, sub), exist_ok=True)
+    prefix = f"{split}_" if prefix is None else prefix
+    ids = []
+    for image in coco["images"]:
+        image_id = prefix + os.path.splitext(os.path.basename(image["file_name"]))[0]
+        source, target = os.path.join(images, image["file_name"]), os.path.join(folder, "JPEGImages", image_id + ".jpg")
+        if source.lower().endswith((".jpg", ".jpeg")):
+            shutil.copyfile(source, target)
+        else:
+            Image.open(source).convert("RGB").save(target, quality=95)
+        root = ET.Element("annotation")
+        ET.SubElement(root, "filename").text = image_id + ".jpg"
+        size = ET.SubElement(root, "size")
+        for key, value in (("width", image["width"]), ("height", image["height"]), ("depth", 3)):
+            ET.SubElement(size, key).text = str(value)
+        for ann in boxes.get(image["id"], []):
+            obj = ET.SubElement(root, "object")
+            ET.SubElement(obj, "name").text = names[ann["category_id"]]
+            ET.SubElement(obj, "truncated").text = "0"
+            ET.SubElement(obj, "difficult").text = str(int(bool(ann.get("iscrowd", 0))))
+            x, y, w, h = ann["bbox"]
+            box = ET.SubElement(obj, "bndbox")  # 1-based inclusive pixels
+            for key, value in (("xmin", x + 1), ("ymin", y + 1), ("xmax", x + w), ("ymax", y + h)):
+                ET.SubElement(box, key).text = f"{value:g}"
+        xml = ET.tostring(root)
+        atomic_write(os.path.join(folder, "Annotations", image_id + ".xml"), lambda f: f.write(xml))
+        ids.append(image_id)
+    listing = "".join(i + "\n" for i in ids).encode()
+    atomic_write(os.path.join(folder, "ImageSets", "Main", f"{split}.txt"), lambda f: f.write(listing))
+    return len(ids)
+
+
 def format_report(report):
     lines = [f"{report['images']} images, {report['objects']} objects ({report['difficult']} difficult, ignored as "
              f"crowd; {report['truncated']} truncated, kept)"]
@@ -116,8 +169,6 @@ def format_report(report):
 
 
 def main(argv=None):
-    import json
-
     p = argparse.ArgumentParser("python -m aligndet.data.voc", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -127,7 +178,18 @@ def main(argv=None):
     c.add_argument("--out", required=True, help="json to write")
     c.add_argument("--classes-from-data", action="store_true", help="the class names found, sorted, instead of "
                    "the 20 standard ones")
+    e = sub.add_parser("from-coco", help="write a COCO json's images and boxes as a VOC set (e.g. to try the VOC "
+                       "path on the demo data)")
+    e.add_argument("--json", required=True, help="COCO instances json")
+    e.add_argument("--images", required=True, help="folder its file_names are relative to")
+    e.add_argument("--voc-root", required=True, help="the VOCdevkit folder to write into")
+    e.add_argument("--set", required=True, help="YEAR-SPLIT to write, e.g. 2007-trainval")
     args = p.parse_args(argv)
+    if args.command == "from-coco":
+        year, split = parse_set(args.set)
+        count = coco_to_voc(args.json, args.images, args.voc_root, year, split)
+        print(f"wrote {count} images as VOC{year} {split} under {args.voc_root}")
+        return count
     try:
         coco, report = voc_to_coco(args.voc_root, args.sets, classes_from_data=args.classes_from_data)
     except (FileNotFoundError, ValueError) as e:

@@ -145,10 +145,13 @@ class OneStageDetector(nn.Module):
         detections = self.postprocess(outputs, anchors_per_level, image_sizes)
         return self.transform.postprocess(detections, image_sizes, original_sizes)
 
-    def postprocess(self, outputs, anchors_per_level, image_sizes):
-        """-> per image {"boxes" [D, 4] xyxy in resized-image pixels, "scores" [D], "labels" [D] in 1..K}."""
+    def postprocess(self, outputs, anchors_per_level, image_sizes, scores=None):
+        """-> per image {"boxes" [D, 4] xyxy in resized-image pixels, "scores" [D], "labels" [D] in 1..K}.
+
+        ``scores``: [B, T, K] in [0, 1] to rank the predictions by instead of ``class_scores(outputs)``
+        (e.g. a class-agnostic score, K = 1); the boxes are decoded and suppressed as usual."""
         level_sizes = [a.shape[0] for a in anchors_per_level]
-        scores_all = self.class_scores(outputs)        # [B, T, K]
+        scores_all = self.class_scores(outputs) if scores is None else scores  # [B, T, K]
         regression_all = outputs["bbox_regression"]    # [B, T, 4]
         num_classes = scores_all.shape[-1]
         results = []
