@@ -77,6 +77,7 @@ from aligndet.engine import (EpochBatches, JsonLog, NonFiniteLossError, evaluate
                              scaled_iterations, start_run, step_schedule_optimizer, train_one_epoch)
 from aligndet.evaluation import CocoEvaluator
 from aligndet.models import DETECTORS, build_detector
+from aligndet.models.backbone import BACKBONES
 from aligndet.presets import PRESET_NAMES, finetune_defaults, model_options
 
 def get_args_parser():
@@ -104,7 +105,8 @@ def get_args_parser():
     m.add_argument("--preset", choices=PRESET_NAMES, default="demo", help="model, schedule and image-size preset")
     m.add_argument("--detector", choices=sorted(DETECTORS), default="faster_rcnn",
                    help="options marked (faster_rcnn) apply to it and to mask_rcnn (which extends it) only")
-    m.add_argument("--backbone", help="resnet18 / resnet34 / resnet50 / resnet101")
+    m.add_argument("--backbone", choices=BACKBONES, metavar="NAME", help="a torchvision trunk: "
+                   + " / ".join(BACKBONES))
     m.add_argument("--backbone-weights", help="'imagenet' (torchvision's DEFAULT, downloads once), "
                    "torchvision:<Enum>.<NAME>, a file path, or 'none'")
     m.add_argument("--norm", choices=["frozen_bn", "bn", "sync_bn"], help="backbone normalisation")
@@ -251,6 +253,7 @@ def build_model(args, num_classes, log, label_to_cat=None):
     model = build_detector(args.detector, num_classes, backbone=args.backbone, **options)
     category_ids = [label_to_cat[label] for label in range(1, num_classes + 1)] if label_to_cat else None
     sources = [load_pretrained(model, path, keep_heads=args.keep_heads, log=log, detector=args.detector,
+                               backbone=args.backbone,
                                skip=args.init_skip, box_skip=args.box_init_skip or (),
                                category_ids=category_ids)["source"]
                for path in args.init]

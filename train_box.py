@@ -84,6 +84,7 @@ from aligndet.data.views import TwoViewDataset, build_view_transform, two_view_c
 from aligndet.engine import (EpochBatches, JsonLog, NonFiniteLossError, grad_scaler, start_run,
                              step_schedule_optimizer, train_one_epoch)
 from aligndet.models import build_detector
+from aligndet.models.backbone import BACKBONES
 from aligndet.presets import BOX_PRESET_NAMES, BOX_VIEWS, box_defaults, model_defaults, model_options
 from aligndet.pretrain.box import AlignDet
 from aligndet.pretrain.hooks import BOX_DOMAIN_DETECTORS
@@ -112,7 +113,8 @@ def get_args_parser():
     m.add_argument("--detector", choices=sorted(BOX_DOMAIN_DETECTORS + ("mask_rcnn",)), default="faster_rcnn",
                    help="the detector whose neck and heads are pre-trained; fine-tune it with the same --detector "
                    "(mask_rcnn: use faster_rcnn's checkpoint)")
-    m.add_argument("--backbone", help="resnet18 / resnet34 / resnet50 / resnet101")
+    m.add_argument("--backbone", choices=BACKBONES, metavar="NAME", help="a torchvision trunk: "
+                   + " / ".join(BACKBONES))
     m.add_argument("--init", metavar="WEIGHTS", help="stage-1 backbone: train_image.py's checkpoint, "
                    "torchvision:<Enum>.<NAME> (e.g. torchvision:ResNet50_Weights.IMAGENET1K_V1), or a MoCo / SwAV / "
                    "DINO / DenseCL checkpoint; default: the preset's backbone weights")
@@ -243,7 +245,7 @@ def build_detector_to_pretrain(args, log, num_classes=1):
         options["backbone_weights"] = None  # replaced by --init below
     detector = build_detector(args.detector, num_classes, backbone=args.backbone, **options)
     if args.init:
-        load_pretrained(detector, args.init, log=log)
+        load_pretrained(detector, args.init, log=log, backbone=args.backbone)
     elif options.get("backbone_weights") is None:
         log("warning: no stage-1 backbone (--init): the frozen backbone keeps its random initialisation")
     return detector

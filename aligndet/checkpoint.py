@@ -77,7 +77,7 @@ def _state_dict_of(checkpoint):
 
 
 def load_pretrained(model, path, keep_heads=False, log=print, detector=None, skip=(), box_skip=(),
-                    category_ids=None):
+                    category_ids=None, backbone=None):
     """Initialise ``model`` from a stage checkpoint or an imported backbone and print what happened.
 
     Accepted sources (AlignDet's transfer, docs/method.md §3.8):
@@ -109,9 +109,16 @@ def load_pretrained(model, path, keep_heads=False, log=print, detector=None, ski
 
     ``detector``: the registry name of ``model``; a train_box.py / finetune.py
     checkpoint of another detector (but Faster R-CNN's for Mask R-CNN) is refused (it would load only the backbone
-    and part of the neck).
+    and part of the neck). ``backbone``: the name of ``model``'s trunk; one of our checkpoints made
+    on another (its ``args.backbone``, or ``args.arch`` for train_image.py) is refused before loading.
     """
     checkpoint = load_checkpoint(path) if Path(path).is_file() else None
+    if backbone and isinstance(checkpoint, dict) and checkpoint.get("stage") in ("image", "box", "finetune"):
+        args = checkpoint.get("args") or {}
+        saved = args.get("backbone") or args.get("arch")
+        if saved and saved != backbone:
+            raise CheckpointError(f"{path} was made on a {saved} backbone ({checkpoint['stage']} stage) but the "
+                                  f"model has a {backbone}; pass --backbone {saved}")
     if detector and isinstance(checkpoint, dict) and checkpoint.get("stage") in ("box", "finetune"):
         saved = checkpoint.get("detector") or (checkpoint.get("args") or {}).get("detector")
         # Mask R-CNN fine-tunes from Faster R-CNN's checkpoints (its box-domain stage is theirs; mask head fresh).

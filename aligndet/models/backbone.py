@@ -1,4 +1,12 @@
-"""ResNet trunk from torchvision.models and a feature pyramid on top of it."""
+"""Backbone trunks from torchvision.models and a feature pyramid on top of them.
+
+Two bodies give the outputs C2..C5 (strides 4, 8, 16, 32) of a torchvision classifier: ``ResNetBody``
+for the ResNets and ResNeXts (torchvision's parameter names: conv1, layer1...), and ``FeatureBody`` for
+the families whose trunk is a ``features`` sequence (Swin, ConvNeXt, MobileNet; names features.0...),
+cut into a stem and four stages. Both load the classifier's state dicts as they are. Norms: the CNNs
+take ``norm`` (BN, frozen BN or SyncBN); Swin and ConvNeXt keep their LayerNorms, and their stages are
+frozen by ``requires_grad`` like every family's.
+"""
 from collections import OrderedDict
 
 import torch
@@ -11,9 +19,21 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .weights import load_backbone_weights
 
-RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d",
+           "wide_resnet50_2")
 STAGES = ("conv1", "layer1", "layer2", "layer3", "layer4")  # stem counts as stage 0
 NORM_LAYERS = {"frozen_bn": FrozenBatchNorm2d, "bn": nn.BatchNorm2d, "sync_bn": nn.BatchNorm2d}
+# The families with a ``features`` trunk: where each of the four stages starts in ``features`` (the stem is
+# what comes before), whether its maps are channels-last, and whether it has batch norms ``norm`` replaces.
+# Swin / ConvNeXt: features = stem, stage 1, then (downsampling, stage) x 3. MobileNet: a stage starts at each
+# stride-2 block (torchvision's ``_is_cn``), so C2..C5 are the last maps at strides 4..32.
+FEATURE_FAMILIES = {
+    "swin_t": ((1, 2, 4, 6), True, False), "swin_s": ((1, 2, 4, 6), True, False),
+    "swin_b": ((1, 2, 4, 6), True, False),
+    "convnext_tiny": ((1, 2, 4, 6), False, False), "convnext_small": ((1, 2, 4, 6), False, False),
+    "mobilenet_v2": ((2, 4, 7, 14), False, True), "mobilenet_v3_large": ((2, 4, 7, 13), False, True),
+}
+BACKBONES = RESNETS + tuple(FEATURE_FAMILIES)
 
 
 def load_resnet(name: str, weights=None, norm: str = "frozen_bn", dilation: bool = False) -> nn.Module:
@@ -27,7 +47,7 @@ def load_resnet(name: str, weights=None, norm: str = "frozen_bn", dilation: bool
     deeper only). The weights' shapes do not change, so every source loads.
     """
     if name not in RESNETS:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(RESNETS)}")
+        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
     if norm not in NORM_LAYERS:
         raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORM_LAYERS)}")
     options = {}
@@ -39,6 +59,86 @@ def load_resnet(name: str, weights=None, norm: str = "frozen_bn", dilation: bool
     if weights is not None:
         load_backbone_weights(resnet, weights, log=(lambda *a: None) if _other_rank() else print, arch=name)
     return resnet
+
+
+def load_classifier(name: str, weights=None, norm: str = "frozen_bn") -> nn.Module:
+    """A torchvision classifier of a ``FEATURE_FAMILIES`` name (weights as for ``load_resnet``); its batch
+    norms are ``norm``'s, where it has any (MobileNet), and LayerNorm stays LayerNorm (Swin, ConvNeXt)."""
+    if name not in FEATURE_FAMILIES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    if norm not in NORM_LAYERS:
+        raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORM_LAYERS)}")
+    options = {"norm_layer": NORM_LAYERS[norm]} if FEATURE_FAMILIES[name][2] else {}
+    model = getattr(torchvision.models, name)(weights=None, **options)
+    if weights is not None:
+        load_backbone_weights(model, weights, log=(lambda *a: None) if _other_rank() else print, arch=name)
+    return model
+
+
+class FeatureBody(nn.Module):
+    """The ``features`` trunk of a torchvision classifier (Swin, ConvNeXt, MobileNet) cut into a stem and
+    four stages, returning the chosen stages' outputs as [B, C, H / stride, W / stride] maps (channels-last
+    maps, Swin's, are permuted). Parameter names are the classifier's (features.0...), so its state dicts
+    load directly. ``trainable_layers`` and ``returned_layers`` mean what they mean for ``ResNetBody``.
+    """
+
+    def __init__(self, features: nn.Sequential, starts, channels_last=False, trainable_layers: int = 3,
+                 returned_layers=(1, 2, 3, 4)):
+        super().__init__()
+        if not 0 <= trainable_layers <= 5:
+            raise ValueError(f"trainable_layers must be in [0, 5], got {trainable_layers}")
+        self.features = features
+        self.bounds = list(zip((0, *starts), (*starts, len(features))))  # [start, end) of stem, stage 1..4
+        self.channels_last, self.returned_layers = channels_last, tuple(returned_layers)
+        for stage, (start, end) in enumerate(self.bounds):
+            trainable = stage >= 5 - trainable_layers
+            for block in list(features)[start:end]:
+                block.requires_grad_(trainable)
+        was_training = self.training
+        self.eval()  # the channels of C2..C5 from one small forward, in eval mode: batch-norm statistics stay
+        with torch.no_grad():
+            self._channels = [t.shape[1] for t in self._stages(torch.zeros(1, 3, 64, 64), range(1, 5)).values()]
+        self.train(was_training)
+
+    def stage_channels(self):
+        """Output channels of stages 1..4."""
+        return list(self._channels)
+
+    def stage(self, i):
+        """The modules of stage ``i`` (0: the stem)."""
+        start, end = self.bounds[i]
+        return list(self.features)[start:end]
+
+    def _stages(self, x, returned):
+        out = OrderedDict()
+        for stage, (start, end) in enumerate(self.bounds):
+            for block in list(self.features)[start:end]:
+                x = block(x)
+            if stage in returned:  # named "0", "1", ... in order, as ResNetBody's
+                out[str(len(out))] = x.permute(0, 3, 1, 2) if self.channels_last else x
+            if stage == max(returned):
+                break
+        return out
+
+    def forward(self, x):
+        return self._stages(x, self.returned_layers)
+
+
+def build_body(name="resnet50", weights=None, norm="frozen_bn", trainable_layers=3, returned_layers=(1, 2, 3, 4),
+               dilation=False) -> nn.Module:
+    """The trunk of any ``BACKBONES`` name: a ``ResNetBody`` or a ``FeatureBody`` returning ``returned_layers``
+    (stages 1-4), SyncBN under torch.distributed for ``norm="sync_bn"``. ``dilation``: ResNets only (DC5)."""
+    if name in FEATURE_FAMILIES:
+        if dilation:
+            raise ValueError(f"dilation is for bottleneck ResNets, not {name}")
+        starts, channels_last, _ = FEATURE_FAMILIES[name]
+        body = FeatureBody(load_classifier(name, weights, norm).features, starts, channels_last, trainable_layers,
+                           returned_layers)
+    else:
+        body = ResNetBody(load_resnet(name, weights, norm, dilation=dilation), trainable_layers, returned_layers)
+    if norm == "sync_bn" and torch.distributed.is_available() and torch.distributed.is_initialized():
+        body = nn.SyncBatchNorm.convert_sync_batchnorm(body)
+    return body
 
 
 def _other_rank():
@@ -70,6 +170,10 @@ class ResNetBody(nn.Module):
             stage = "conv1" if name.startswith(("conv1", "bn1")) else name.split(".")[0]
             param.requires_grad_(stage in trainable)
 
+    def stage(self, i):
+        """The modules of stage ``i`` (0: the stem)."""
+        return [self.conv1, self.bn1] if i == 0 else [getattr(self, f"layer{i}")]
+
     def stage_channels(self):
         """Output channels of layer1..layer4."""
         return [self._out_channels(getattr(self, f"layer{i}")) for i in range(1, 5)]
@@ -92,14 +196,14 @@ class ResNetBody(nn.Module):
 
 
 class BackboneWithFPN(nn.Module):
-    """ResNet body + FPN: returns an OrderedDict of pyramid levels, each
+    """Body (``ResNetBody`` or ``FeatureBody``) + FPN: returns an OrderedDict of pyramid levels, each
     [B, out_channels, H / stride, W / stride].
 
     extra: "maxpool" adds a stride-2 max-pooled level on top (Faster R-CNN's
     P6), "p6p7" adds two conv levels (RetinaNet / FCOS), None adds nothing.
     """
 
-    def __init__(self, body: ResNetBody, out_channels: int = 256, extra="maxpool"):
+    def __init__(self, body: nn.Module, out_channels: int = 256, extra="maxpool"):
         super().__init__()
         self.body = body
         stage_channels = body.stage_channels()
@@ -121,8 +225,4 @@ class BackboneWithFPN(nn.Module):
 
 def build_backbone(name="resnet50", weights=None, norm="frozen_bn", trainable_layers=3,
                    returned_layers=(1, 2, 3, 4), fpn_channels=256, extra="maxpool") -> BackboneWithFPN:
-    resnet = load_resnet(name, weights, norm)
-    body = ResNetBody(resnet, trainable_layers, returned_layers)
-    if norm == "sync_bn" and torch.distributed.is_available() and torch.distributed.is_initialized():
-        body = nn.SyncBatchNorm.convert_sync_batchnorm(body)
-    return BackboneWithFPN(body, fpn_channels, extra)
+    return BackboneWithFPN(build_body(name, weights, norm, trainable_layers, returned_layers), fpn_channels, extra)

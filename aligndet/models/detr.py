@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_convert, clip_boxes_to_image, generalized_box_iou_loss
 
-from .backbone import ResNetBody, load_resnet
+from .backbone import build_body
 from .hungarian import HungarianMatcher
 from .position_encoding import PositionEmbeddingSine
 from .transform import DetectionTransform, check_targets
@@ -56,10 +56,10 @@ class MLP(nn.Module):
 
 
 class C5Backbone(nn.Module):
-    """The ResNet body, returning its last stage only: [B, 3, H, W] -> [B, C, H/32, W/32]
+    """The body (any family of ``backbone.build_body``), returning its last stage only: [B, 3, H, W] -> [B, C, H/32, W/32]
     (H/16 with a dilated layer4, DC5; or C4, stride 16, when the body stops at layer3)."""
 
-    def __init__(self, body: ResNetBody):
+    def __init__(self, body: nn.Module):
         super().__init__()
         self.body = body
         self.out_channels = body.stage_channels()[max(body.returned_layers) - 1]
@@ -281,7 +281,7 @@ def build_detr(num_classes: int, backbone: str = "resnet50", *, backbone_weights
                eos_coef: float = 0.1, cost_class: float = 1.0, cost_bbox: float = 5.0, cost_giou: float = 2.0,
                ce_loss_coef: float = 1.0, bbox_loss_coef: float = 5.0, giou_loss_coef: float = 2.0,
                detections_per_img: int = None, feature_stage: int = 4) -> DETR:
-    """DETR with a ResNet backbone; defaults are the paper's DETR-R50 (``dilation=True``: DETR-DC5).
+    """DETR with any backbone of ``backbone.build_body`` (its last stage); defaults are the paper's DETR-R50 (``dilation=True``: DETR-DC5).
     trainable_layers 3 trains layer2-layer4, as the paper's release does (at a 10x lower lr, which is
     the optimiser's business). Shrink hidden_dim, the layer counts, dim_feedforward, num_queries and
     the image sizes for small CPU runs; hidden_dim must be divisible by nheads and by 4.
@@ -293,12 +293,10 @@ def build_detr(num_classes: int, backbone: str = "resnet50", *, backbone_weights
         raise ValueError(f"feature_stage must be 3 (C4) or 4 (C5), got {feature_stage}")
     if feature_stage == 3 and dilation:
         raise ValueError("dilation dilates layer4, which feature_stage 3 does not use")
-    resnet = load_resnet(backbone, backbone_weights, norm, dilation=dilation)
-    body = ResNetBody(resnet, trainable_layers, returned_layers=(feature_stage,))
+    body = build_body(backbone, backbone_weights, norm, trainable_layers, (feature_stage,), dilation)
     if feature_stage == 3:
-        body.layer4.requires_grad_(False)  # never run: no gradient, and no unused parameters under DDP
-    if norm == "sync_bn" and dist.is_available() and dist.is_initialized():
-        body = nn.SyncBatchNorm.convert_sync_batchnorm(body)
+        for module in body.stage(4):  # never run: no gradient, and no unused parameters under DDP
+            module.requires_grad_(False)
     transformer = Transformer(hidden_dim, nheads, enc_layers, dec_layers, dim_feedforward, dropout)
     matcher = HungarianMatcher(cost_class, cost_bbox, cost_giou)
     criterion = SetCriterion(num_classes, matcher, eos_coef)

@@ -33,6 +33,8 @@ import torchvision
 
 TORCHVISION = "torchvision:"
 RESNET_KEY = re.compile(r"(conv1|bn1|layer\d)\.")  # trunk tensors; fc is the head
+FEATURES_KEY = re.compile(r"features\.")  # the trunk of Swin, ConvNeXt, MobileNet; their heads are norm / head /
+# classifier
 CONTAINERS = ("backbone", "state_dict", "model", "teacher", "student", "network", "module", "encoder")
 PREFERRED = {"teacher", "encoder_q", "base_encoder"}  # MoCo's query encoder, MoCo v3's, DINO's teacher
 AVOIDED = {"student", "encoder_k", "momentum_encoder"}
@@ -116,7 +118,8 @@ def extract_backbone_state(checkpoint, arch_keys):
     """
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"expected a dict, found a {type(checkpoint).__name__}")
-    names = {k for k in arch_keys if RESNET_KEY.match(k)}
+    pattern = trunk_key(arch_keys)
+    names = {k for k in arch_keys if pattern.match(k)}
     best = None  # ((matches, preference), container, prefix)
     for container in ("", *CONTAINERS):
         tensors = checkpoint if container == "" else checkpoint.get(container)
@@ -131,8 +134,10 @@ def extract_backbone_state(checkpoint, arch_keys):
                 best = (score, container, prefix)
     if best is None:
         tensors = next((checkpoint[c] for c in CONTAINERS if isinstance(checkpoint.get(c), dict)), checkpoint)
-        raise CheckpointError(f"neither a detector nor a ResNet state dict: no key ends in a ResNet name such "
-                              f"as conv1.weight (first keys: {list(tensors)[:4]})")
+        kind, example = ("ResNet", "conv1.weight") if pattern is RESNET_KEY else \
+            ("backbone", next(iter(sorted(names)), "features.0.0.weight"))
+        raise CheckpointError(f"neither a detector nor a {kind} state dict: no key ends in a {kind} name such "
+                              f"as {example} (first keys: {list(tensors)[:4]})")
     _, container, prefix = best
     tensors = checkpoint if container == "" else checkpoint[container]
     state, dropped = {}, []
@@ -140,12 +145,18 @@ def extract_backbone_state(checkpoint, arch_keys):
         if not torch.is_tensor(value):
             continue
         name = key[len(prefix):]
-        if key.startswith(prefix) and RESNET_KEY.match(name):
+        if key.startswith(prefix) and pattern.match(name):
             state[name] = value
         elif not key.endswith(NBT):
             dropped.append(key)
     where = f"under {container!r}" if container else "top level"
     return state, f"{where}, prefix {prefix!r}" if prefix else f"{where}, no prefix", dropped
+
+
+def trunk_key(arch_keys):
+    """The pattern of a model's trunk keys: ResNet's (conv1, layer1...) or the ``features.`` of the other
+    torchvision families."""
+    return RESNET_KEY if any(RESNET_KEY.match(k) for k in arch_keys) else FEATURES_KEY
 
 
 def _prefixes(key, names):
@@ -196,7 +207,9 @@ def load_backbone_weights(resnet, source, log=print, arch=None):
     unexpected (heads, momentum encoders... of the checkpoint, ignored) and
     mismatched (always empty, as a mismatch refuses the checkpoint).
     """
-    own = {k: v.shape for k, v in resnet.state_dict().items() if RESNET_KEY.match(k)}
+    own = {k: v.shape for k, v in resnet.state_dict().items()}
+    pattern = trunk_key(own)
+    own = {k: v for k, v in own.items() if pattern.match(k)}
     arch = arch or resnet_name(own)
     source = str(source)
     if source == "imagenet" or source.startswith(TORCHVISION):
@@ -231,7 +244,8 @@ def load_backbone_weights(resnet, source, log=print, arch=None):
     if not fits:
         raise CheckpointError(
             f"{source} ({layout}) does not fit {arch}: {counted}/{total} tensors match by name and shape. "
-            f"The checkpoint holds {describe_resnet(found)}; the model is {describe_resnet(own)}."
+            + (f"The checkpoint holds {describe_resnet(found)}; the model is {describe_resnet(own)}."
+               if pattern is RESNET_KEY else "")
             + (f" Shapes differ at {'; '.join(mismatched[:3])}." if mismatched else "")
             + (f" Not in the model: {summarize_keys(extra, _block)}." if extra else "")
             + (f" Missing from the checkpoint: {summarize_keys(missing, _block)}." if missing else ""))
