@@ -63,7 +63,7 @@ from aligndet.data.transforms import (TwoCrops, build_moco_v2_transform, classif
                                       classification_train_transforms)
 from aligndet.engine import (EpochBatches, EpochLoader, JsonLog, NonFiniteLossError, cosine_lr, grad_scaler, start_run,
                              train_one_epoch)
-from aligndet.models.backbone import RESNETS
+from aligndet.models.backbone import BACKBONES, remove_classifier
 from aligndet.models.weights import load_backbone_weights
 from aligndet.pretrain.knn import extract_features, knn_top1
 from aligndet.pretrain.moco import MoCo
@@ -113,7 +113,8 @@ def get_args_parser():
                    help="classification with labels, or MoCo v2 without")
     m.add_argument("--preset", choices=sorted({k[0] for k in PRESETS}), default="demo",
                    help="model, schedule and crop-size preset (with --method)")
-    m.add_argument("--arch", choices=RESNETS, help="the ResNet to train")
+    m.add_argument("--arch", choices=BACKBONES, metavar="NAME", help="the torchvision classifier to train: "
+                   + " / ".join(BACKBONES))
     m.add_argument("--init", metavar="WEIGHTS", help="start from these backbone weights: a checkpoint path "
                    "(ours, torchvision, MoCo, SwAV, DINO, DenseCL layouts) or torchvision:<Enum>.<NAME>")
     m.add_argument("--crop-size", type=int, help="training crop side")
@@ -188,14 +189,13 @@ def build_datasets(args, log):
 def build_model(args, num_classes, log):
     """A ResNet classifier, or MoCo v2 around one; ``--init`` weights loaded into the ResNet.
     Both return their loss dict (``model(*batch)``) and carry a ``weight_dict``."""
-    resnet = getattr(torchvision.models, args.arch)(weights=None, num_classes=max(num_classes, 1))
+    net = getattr(torchvision.models, args.arch)(weights=None, num_classes=max(num_classes, 1))
     if args.init:
-        load_backbone_weights(resnet, args.init, log=log)
+        load_backbone_weights(net, args.init, log=log, arch=args.arch)
     if args.method == "supervised":
-        return ImageClassifier(resnet)
-    feature_dim = resnet.fc.in_features
-    resnet.fc = torch.nn.Identity()
-    return MoCo(resnet, feature_dim, dim=args.moco_dim, queue_size=args.queue_size, momentum=args.moco_momentum,
+        return ImageClassifier(net)
+    feature_dim = remove_classifier(net)
+    return MoCo(net, feature_dim, dim=args.moco_dim, queue_size=args.queue_size, momentum=args.moco_momentum,
                 temperature=args.temperature, shuffle_splits=args.shuffle_splits)
 
 

@@ -191,6 +191,8 @@ def main():
                    help="stage 2 and fine-tuning of this detector; stage 1 is shared by all in one --workdir "
                    "(mask_rcnn: fine-tuning only, from faster_rcnn's stage 2, which it shares)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backbone", help="another trunk for every stage (train_image.py --arch, then --backbone), e.g. "
+                   "mobilenet_v2; give it its own --workdir")
     p.add_argument("--box-args", type=shlex.split, default=[],
                    help='extra train_box.py arguments, one quoted string: --box-args="--num-samples 2048"')
     p.add_argument("--moco-args", type=shlex.split, default=[],
@@ -214,6 +216,9 @@ def main():
     os.makedirs(args.workdir, exist_ok=True)
     os.chdir(ROOT)
     w, seed = args.workdir, ["--seed", str(args.seed)]
+    trunk = ["--backbone", args.backbone] if args.backbone else []
+    arch = ["--arch", args.backbone] if args.backbone else []
+    args.finetune_args = trunk + args.finetune_args
     stages = Stages(w)
     suffix = "" if args.detector == "faster_rcnn" else "_" + args.detector  # one workdir holds every detector
     box_detector = BOX_STAGE_OF.get(args.detector, args.detector)
@@ -222,26 +227,29 @@ def main():
     box_tag = tag if args.box_args else ""  # a variant of fine-tuning only reuses the untagged stage 2
     inits = {"c": None}
     if {"a", "b"} & set(args.runs):
-        inits["a"] = stage(stages, "stage 1 (supervised)", ["train_image.py", *seed], os.path.join(w, "stage1_sup"),
+        inits["a"] = stage(stages, "stage 1 (supervised)", ["train_image.py", *seed, *arch],
+                           os.path.join(w, "stage1_sup"),
                            os.path.join(w, "stage1_sup.log"))
         top1 = json.load(open(os.path.join(w, "stage1_sup", "metrics.json")))[-1]["top1"]
         print(f"stage 1 (supervised): val top-1 {top1:.3f}", flush=True)
     moco_tag = tag if args.moco_args else ""
     if {"d", "e"} & set(args.runs):
         moco = os.path.join(w, f"stage1_moco{moco_tag}")
-        inits["d"] = stage(stages, "stage 1 (MoCo v2)", ["train_image.py", "--method", "mocov2", *seed,
+        inits["d"] = stage(stages, "stage 1 (MoCo v2)", ["train_image.py", "--method", "mocov2", *seed, *arch,
                                                          *args.moco_args], moco, moco + ".log")
         knn = json.load(open(os.path.join(moco, "metrics.json")))[-1]["knn_top1"]
         print(f"stage 1 (MoCo v2): val k-NN top-1 {knn:.3f}", flush=True)
     if "b" in args.runs:
         inits["b"] = stage(stages, "stage 2 (train_box.py)",
-                           ["train_box.py", "--detector", box_detector, "--init", inits["a"], *seed, *args.box_args],
+                           ["train_box.py", "--detector", box_detector, "--init", inits["a"], *seed, *trunk,
+                            *args.box_args],
                            os.path.join(w, f"stage2{box_suffix}{box_tag}"),
                            os.path.join(w, f"stage2{box_suffix}{box_tag}.log"))
     if "e" in args.runs:
         box_moco = os.path.join(w, f"stage2_moco{box_suffix}{box_tag or moco_tag}")
         inits["e"] = stage(stages, "stage 2 on MoCo v2 (train_box.py)",
-                           ["train_box.py", "--detector", box_detector, "--init", inits["d"], *seed, *args.box_args],
+                           ["train_box.py", "--detector", box_detector, "--init", inits["d"], *seed, *trunk,
+                            *args.box_args],
                            box_moco, box_moco + ".log")
 
     runs = [r for r in RUNS if r in args.runs]

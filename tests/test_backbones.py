@@ -88,8 +88,9 @@ def test_weights_of_the_family_load_from_a_file_a_prefixed_checkpoint_and_torchv
     for key, value in body.state_dict().items():
         assert torch.equal(value, classifier.state_dict()[key]), key
     # a self-supervised layout (e.g. SimMIM's encoder. prefix, a momentum copy beside it) loads the encoder
-    torch.save({"model": {**{f"encoder.{k}": v for k, v in classifier.state_dict().items()},
-                          **{f"momentum_encoder.{k}": torch.zeros_like(v) for k, v in classifier.state_dict().items()}}},
+    state = classifier.state_dict()
+    torch.save({"model": {**{f"encoder.{k}": v for k, v in state.items()},
+                          **{f"momentum_encoder.{k}": torch.zeros_like(v) for k, v in state.items()}}},
                tmp_path / "ssl.pth")
     loaded = build_body("mobilenet_v2", str(tmp_path / "ssl.pth"), norm="bn")
     assert torch.equal(loaded.features[3].conv[0][0].weight, classifier.features[3].conv[0][0].weight)
@@ -136,3 +137,37 @@ def test_stage_2_on_a_mobilenet_transfers_to_the_same_backbone_and_refuses_anoth
     with pytest.raises(CheckpointError, match="made on a mobilenet_v3_large backbone .* has a mobilenet_v2; "
                                               "pass --backbone mobilenet_v3_large"):
         load_pretrained(other, path, log=lambda *a: None, detector="faster_rcnn", backbone="mobilenet_v2")
+
+
+def test_torchvision_mobilenet_v3_faster_rcnn_converts_to_ours_and_back_with_equal_detections_and_losses():
+    import warnings
+
+    from conftest import assert_same_detections
+
+    from aligndet.convert import from_torchvision, to_torchvision
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():  # torchvision warns that an untrained backbone trains every layer
+        warnings.simplefilter("ignore")
+        tv = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn(
+            weights=None, weights_backbone=None, num_classes=5, min_size=160, max_size=200).eval()
+    ours = from_torchvision(tv).eval()
+    body = ours.backbone.body
+    assert isinstance(body, FeatureBody) and body.name == "mobilenet_v3_large" and body.returned_blocks == (13, 16)
+    assert ours.rpn.score_thresh == 0.05 and ours.rpn.anchor_generator.sizes == ((32, 64, 128, 256, 512),) * 3
+    images = [torch.rand(3, 150, 190), torch.rand(3, 120, 160)]
+    with torch.no_grad():
+        theirs, mine = tv(images), ours(images)
+    assert_same_detections(mine, theirs)
+    back = to_torchvision(ours).eval()
+    assert back.state_dict().keys() == tv.state_dict().keys()
+    with torch.no_grad():
+        assert_same_detections(back(images), theirs)
+    targets = [{"boxes": torch.tensor([[10.0, 10.0, 80.0, 90.0]]), "labels": torch.tensor([2])}] * 2
+    torch.manual_seed(1)
+    their_losses = tv.train()(images, targets)
+    torch.manual_seed(1)
+    our_losses = ours.train()(images, targets)
+    assert their_losses.keys() == our_losses.keys()
+    for k in their_losses:
+        torch.testing.assert_close(our_losses[k], their_losses[k], rtol=1e-5, atol=1e-6)

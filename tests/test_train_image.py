@@ -10,7 +10,7 @@ import torch
 import torchvision
 
 import train_image
-from aligndet.checkpoint import load_checkpoint, load_pretrained
+from aligndet.checkpoint import CheckpointError, load_checkpoint, load_pretrained
 from aligndet.data.image_folder import ImageFolder, collate_skipping
 from aligndet.engine import cosine_lr
 from aligndet.models import build_detector
@@ -171,3 +171,23 @@ def test_training_skips_and_counts_unreadable_images(tmp_path, capsys):
     epoch_line = [json.loads(line) for line in open(tmp_path / "out" / "log.jsonl") if "epoch_time" in line][-1]
     assert epoch_line["train_skipped_unreadable_images"] == 1
     assert load_checkpoint(tmp_path / "out" / "checkpoint.pth")["classes"] == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("method,arch", [("supervised", "mobilenet_v3_large"), ("mocov2", "convnext_tiny")])
+def test_other_families_train_in_stage_1_and_hand_their_trunk_to_a_detector(method, arch, tmp_path):
+    """Stage 1 of a non-ResNet: the checkpoint's backbone is the classifier's features.* (no head), which
+    every detector's body loads whole."""
+    train = write_image_folder(tmp_path / "train", per_class=4)
+    out = tmp_path / "run"
+    extra = ["--queue-size", "16", "--shuffle-splits", "2", "--knn-k", "3"] if method == "mocov2" else []
+    run_main(["--method", method, "--train", train, "--val", train, "--output-dir", str(out), "--epochs", "1",
+              "--max-iters", "2", *TINY[2:], "--arch", arch, *extra])
+    ckpt = load_checkpoint(out / "checkpoint.pth")
+    trunk = {k for k in getattr(torchvision.models, arch)().state_dict() if k.startswith("features.")}
+    assert set(ckpt["backbone"]) == trunk and ckpt["args"]["arch"] == arch
+    model = build_detector("faster_rcnn", 2, backbone=arch, norm="bn", trainable_layers=5, min_size=64, max_size=64)
+    report = load_pretrained(model, str(out / "checkpoint.pth"), log=lambda *a: None, backbone=arch)
+    assert report["source"] == "backbone" and len(report["loaded"]) == len(trunk)
+    with pytest.raises(CheckpointError, match=f"made on a {arch} backbone"):
+        load_pretrained(build_detector("faster_rcnn", 2, backbone="resnet18"), str(out / "checkpoint.pth"),
+                        log=lambda *a: None, backbone="resnet18")

@@ -8,18 +8,19 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from aligndet.models.faster_rcnn import FasterRCNN, build_faster_rcnn
 
-from .common import check_normalisation, load_converted, norm_name, resnet_name, torchvision_backbone
+from .common import (body_settings, check_normalisation, from_tv_backbone_key, load_converted, to_tv_backbone_key,
+                     torchvision_backbone)
 
 # Our parameter name -> torchvision's, where they differ.
 _RPN_CONV = ("rpn.head.conv.", "rpn.head.conv.0.0.")
 
 
 def to_tv_key(key: str) -> str:
-    return key.replace(*_RPN_CONV) if key.startswith(_RPN_CONV[0]) else key
+    return key.replace(*_RPN_CONV) if key.startswith(_RPN_CONV[0]) else to_tv_backbone_key(key)
 
 
 def from_tv_key(key: str) -> str:
-    return key.replace(_RPN_CONV[1], _RPN_CONV[0]) if key.startswith(_RPN_CONV[1]) else key
+    return key.replace(_RPN_CONV[1], _RPN_CONV[0]) if key.startswith(_RPN_CONV[1]) else from_tv_backbone_key(key)
 
 
 def settings(model) -> dict:
@@ -44,20 +45,21 @@ def settings(model) -> dict:
         rpn_iou = rpn.matcher.high, rpn.matcher.low
         box_iou = roi.matcher.high, roi.matcher.low
     sizes, ratios = rpn.anchor_generator.sizes, rpn.anchor_generator.aspect_ratios
-    if any(len(s) != 1 for s in sizes) or len(set(map(tuple, ratios))) != 1:
-        raise ValueError("conversion supports one anchor size per level and the same ratios on every level")
+    if len(set(map(tuple, ratios))) != 1:
+        raise ValueError("conversion supports the same anchor ratios on every level")
     unsupported = {"box coder weights": (tuple(roi.box_coder.weights), (10.0, 10.0, 5.0, 5.0)),
                    "RPN IoU thresholds": (rpn_iou, (0.7, 0.3)), "RoI IoU thresholds": (box_iou, (0.5, 0.5)),
-                   "RPN score threshold": (rpn.score_thresh, 0.0), "RPN min size": (rpn.min_size, 1e-3)}
+                   "RPN min size": (rpn.min_size, 1e-3)}
     for name, (value, expected) in unsupported.items():
         if value != expected:
             raise ValueError(f"only the default {name} {expected} convert, got {value}")
     check_normalisation(transform)
     min_size = tuple(transform.min_size)
     return dict(
-        num_classes=num_classes, backbone=resnet_name(model.backbone.body), norm=norm_name(model.backbone.body),
+        num_classes=num_classes, **body_settings(model.backbone.body),
         fpn_channels=model.backbone.out_channels, min_size=min_size if len(min_size) > 1 else min_size[0],
-        max_size=transform.max_size, anchor_sizes=tuple(s[0] for s in sizes), aspect_ratios=tuple(ratios[0]),
+        max_size=transform.max_size, aspect_ratios=tuple(ratios[0]), rpn_score_thresh=rpn.score_thresh,
+        anchor_sizes=tuple(s[0] for s in sizes) if all(len(s) == 1 for s in sizes) else tuple(map(tuple, sizes)),
         rpn_pre_nms_top_n_train=pre["training"], rpn_pre_nms_top_n_test=pre["testing"],
         rpn_post_nms_top_n_train=post["training"], rpn_post_nms_top_n_test=post["testing"],
         rpn_nms_thresh=rpn.nms_thresh, rpn_batch_size_per_image=rpn_batch, box_batch_size_per_image=box_batch,
@@ -70,11 +72,12 @@ def torchvision_kwargs(model, s: dict) -> dict:
     """torchvision's FasterRCNN (or MaskRCNN) arguments for the settings ``s``
     (``settings``) of our ``model``: modules with random weights, which the
     converter then loads."""
-    anchors = TVAnchorGenerator(tuple((a,) for a in s["anchor_sizes"]), (s["aspect_ratios"],) * len(s["anchor_sizes"]))
+    sizes = tuple(tuple(a) if isinstance(a, tuple) else (a,) for a in s["anchor_sizes"])
+    anchors = TVAnchorGenerator(sizes, (s["aspect_ratios"],) * len(sizes))
     return dict(
         backbone=torchvision_backbone(model.backbone, LastLevelMaxPool()), min_size=s["min_size"],
-        max_size=s["max_size"], rpn_anchor_generator=anchors,
-        rpn_head=TVRPNHead(s["fpn_channels"], len(s["aspect_ratios"])),
+        max_size=s["max_size"], rpn_anchor_generator=anchors, rpn_score_thresh=s["rpn_score_thresh"],
+        rpn_head=TVRPNHead(s["fpn_channels"], len(sizes[0]) * len(s["aspect_ratios"])),
         rpn_pre_nms_top_n_train=s["rpn_pre_nms_top_n_train"], rpn_pre_nms_top_n_test=s["rpn_pre_nms_top_n_test"],
         rpn_post_nms_top_n_train=s["rpn_post_nms_top_n_train"], rpn_post_nms_top_n_test=s["rpn_post_nms_top_n_test"],
         rpn_nms_thresh=s["rpn_nms_thresh"], rpn_batch_size_per_image=s["rpn_batch_size_per_image"],

@@ -79,17 +79,24 @@ class FeatureBody(nn.Module):
     """The ``features`` trunk of a torchvision classifier (Swin, ConvNeXt, MobileNet) cut into a stem and
     four stages, returning the chosen stages' outputs as [B, C, H / stride, W / stride] maps (channels-last
     maps, Swin's, are permuted). Parameter names are the classifier's (features.0...), so its state dicts
-    load directly. ``trainable_layers`` and ``returned_layers`` mean what they mean for ``ResNetBody``.
+    load directly. ``trainable_layers`` and ``returned_layers`` mean what they mean for ``ResNetBody``;
+    ``returned_blocks`` (indices into ``features``) returns the outputs of those blocks instead, e.g.
+    (13, 16) for the two maps torchvision's ``fasterrcnn_mobilenet_v3_large_fpn`` puts its FPN on.
+    ``name``: the torchvision builder the features come from.
     """
 
     def __init__(self, features: nn.Sequential, starts, channels_last=False, trainable_layers: int = 3,
-                 returned_layers=(1, 2, 3, 4)):
+                 returned_layers=(1, 2, 3, 4), returned_blocks=None, name=None):
         super().__init__()
         if not 0 <= trainable_layers <= 5:
             raise ValueError(f"trainable_layers must be in [0, 5], got {trainable_layers}")
-        self.features = features
+        if returned_blocks is not None and not all(0 <= b < len(features) for b in returned_blocks):
+            raise ValueError(f"returned_blocks must index the {len(features)} blocks of features, got "
+                             f"{returned_blocks}")
+        self.features, self.name = features, name
         self.bounds = list(zip((0, *starts), (*starts, len(features))))  # [start, end) of stem, stage 1..4
         self.channels_last, self.returned_layers = channels_last, tuple(returned_layers)
+        self.returned_blocks = None if returned_blocks is None else tuple(returned_blocks)
         for stage, (start, end) in enumerate(self.bounds):
             trainable = stage >= 5 - trainable_layers
             for block in list(features)[start:end]:
@@ -97,12 +104,18 @@ class FeatureBody(nn.Module):
         was_training = self.training
         self.eval()  # the channels of C2..C5 from one small forward, in eval mode: batch-norm statistics stay
         with torch.no_grad():
-            self._channels = [t.shape[1] for t in self._stages(torch.zeros(1, 3, 64, 64), range(1, 5)).values()]
+            x = torch.zeros(1, 3, 64, 64)
+            self._channels = [t.shape[1] for t in self._stages(x, range(1, 5)).values()]
+            self._returned_channels = [t.shape[1] for t in self.forward(x).values()]
         self.train(was_training)
 
     def stage_channels(self):
         """Output channels of stages 1..4."""
         return list(self._channels)
+
+    def returned_channels(self):
+        """Channels of each map ``forward`` returns, in order."""
+        return list(self._returned_channels)
 
     def stage(self, i):
         """The modules of stage ``i`` (0: the stem)."""
@@ -121,24 +134,48 @@ class FeatureBody(nn.Module):
         return out
 
     def forward(self, x):
-        return self._stages(x, self.returned_layers)
+        if self.returned_blocks is None:
+            return self._stages(x, self.returned_layers)
+        out = OrderedDict()
+        for i, block in enumerate(list(self.features)[:max(self.returned_blocks) + 1]):
+            x = block(x)
+            if i in self.returned_blocks:
+                out[str(len(out))] = x.permute(0, 3, 1, 2) if self.channels_last else x
+        return out
 
 
 def build_body(name="resnet50", weights=None, norm="frozen_bn", trainable_layers=3, returned_layers=(1, 2, 3, 4),
-               dilation=False) -> nn.Module:
+               dilation=False, returned_blocks=None) -> nn.Module:
     """The trunk of any ``BACKBONES`` name: a ``ResNetBody`` or a ``FeatureBody`` returning ``returned_layers``
-    (stages 1-4), SyncBN under torch.distributed for ``norm="sync_bn"``. ``dilation``: ResNets only (DC5)."""
+    (stages 1-4; ``FeatureBody``: or ``returned_blocks``), SyncBN under torch.distributed for
+    ``norm="sync_bn"``. ``dilation``: ResNets only (DC5)."""
     if name in FEATURE_FAMILIES:
         if dilation:
             raise ValueError(f"dilation is for bottleneck ResNets, not {name}")
         starts, channels_last, _ = FEATURE_FAMILIES[name]
         body = FeatureBody(load_classifier(name, weights, norm).features, starts, channels_last, trainable_layers,
-                           returned_layers)
+                           returned_layers, returned_blocks, name)
     else:
+        if returned_blocks is not None:
+            raise ValueError(f"returned_blocks is for the features trunks ({', '.join(FEATURE_FAMILIES)}), not {name}")
         body = ResNetBody(load_resnet(name, weights, norm, dilation=dilation), trainable_layers, returned_layers)
     if norm == "sync_bn" and torch.distributed.is_available() and torch.distributed.is_initialized():
         body = nn.SyncBatchNorm.convert_sync_batchnorm(body)
     return body
+
+
+def remove_classifier(model: nn.Module) -> int:
+    """Replace the last ``nn.Linear`` of a torchvision classifier (ResNet's ``fc``, Swin's ``head``, the
+    end of ConvNeXt's or MobileNet's ``classifier``) by ``nn.Identity``, so that ``model(x)`` gives the
+    pooled features [B, C]; returns C. What precedes it stays (ConvNeXt's LayerNorm, MobileNetV3's 1280-wide
+    layer), as in the classifier the weights were trained in."""
+    name, last = next(((n, m) for n, m in reversed(list(model.named_modules())) if isinstance(m, nn.Linear)),
+                      (None, None))
+    if last is None:
+        raise ValueError(f"{type(model).__name__} has no linear classifier to remove")
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, nn.Identity())
+    return last.in_features
 
 
 def _other_rank():
@@ -174,6 +211,10 @@ class ResNetBody(nn.Module):
         """The modules of stage ``i`` (0: the stem)."""
         return [self.conv1, self.bn1] if i == 0 else [getattr(self, f"layer{i}")]
 
+    def returned_channels(self):
+        """Channels of each map ``forward`` returns, in order."""
+        return [self.stage_channels()[i - 1] for i in self.returned_layers]
+
     def stage_channels(self):
         """Output channels of layer1..layer4."""
         return [self._out_channels(getattr(self, f"layer{i}")) for i in range(1, 5)]
@@ -206,8 +247,7 @@ class BackboneWithFPN(nn.Module):
     def __init__(self, body: nn.Module, out_channels: int = 256, extra="maxpool"):
         super().__init__()
         self.body = body
-        stage_channels = body.stage_channels()
-        in_channels = [stage_channels[i - 1] for i in body.returned_layers]
+        in_channels = body.returned_channels()
         if extra == "maxpool":
             extra_block = LastLevelMaxPool()
         elif extra == "p6p7":
@@ -224,5 +264,7 @@ class BackboneWithFPN(nn.Module):
 
 
 def build_backbone(name="resnet50", weights=None, norm="frozen_bn", trainable_layers=3,
-                   returned_layers=(1, 2, 3, 4), fpn_channels=256, extra="maxpool") -> BackboneWithFPN:
-    return BackboneWithFPN(build_body(name, weights, norm, trainable_layers, returned_layers), fpn_channels, extra)
+                   returned_layers=(1, 2, 3, 4), fpn_channels=256, extra="maxpool",
+                   returned_blocks=None) -> BackboneWithFPN:
+    return BackboneWithFPN(build_body(name, weights, norm, trainable_layers, returned_layers,
+                                      returned_blocks=returned_blocks), fpn_channels, extra)

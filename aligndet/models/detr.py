@@ -56,7 +56,8 @@ class MLP(nn.Module):
 
 
 class C5Backbone(nn.Module):
-    """The body (any family of ``backbone.build_body``), returning its last stage only: [B, 3, H, W] -> [B, C, H/32, W/32]
+    """The body (any family of ``backbone.build_body``), returning its last stage only:
+    [B, 3, H, W] -> [B, C, H/32, W/32]
     (H/16 with a dilated layer4, DC5; or C4, stride 16, when the body stops at layer3)."""
 
     def __init__(self, body: nn.Module):
@@ -281,7 +282,8 @@ def build_detr(num_classes: int, backbone: str = "resnet50", *, backbone_weights
                eos_coef: float = 0.1, cost_class: float = 1.0, cost_bbox: float = 5.0, cost_giou: float = 2.0,
                ce_loss_coef: float = 1.0, bbox_loss_coef: float = 5.0, giou_loss_coef: float = 2.0,
                detections_per_img: int = None, feature_stage: int = 4) -> DETR:
-    """DETR with any backbone of ``backbone.build_body`` (its last stage); defaults are the paper's DETR-R50 (``dilation=True``: DETR-DC5).
+    """DETR on the last stage of any backbone of ``backbone.build_body``; defaults are the paper's DETR-R50
+    (``dilation=True``: DETR-DC5).
     trainable_layers 3 trains layer2-layer4, as the paper's release does (at a 10x lower lr, which is
     the optimiser's business). Shrink hidden_dim, the layer counts, dim_feedforward, num_queries and
     the image sizes for small CPU runs; hidden_dim must be divisible by nheads and by 4.

@@ -59,19 +59,25 @@ def build_faster_rcnn(num_classes: int, backbone: str = "resnet50", *, backbone_
                       rpn_post_nms_top_n_test: int = 1000, rpn_nms_thresh: float = 0.7,
                       rpn_batch_size_per_image: int = 256, box_batch_size_per_image: int = 512,
                       representation_size: int = 1024, box_score_thresh: float = 0.05,
-                      box_nms_thresh: float = 0.5, box_detections_per_img: int = 100) -> FasterRCNN:
+                      box_nms_thresh: float = 0.5, box_detections_per_img: int = 100, rpn_score_thresh: float = 0.0,
+                      returned_blocks=None) -> FasterRCNN:
     """Faster R-CNN with a ResNet-FPN backbone. Defaults are the standard
     COCO settings (torchvision's fasterrcnn_resnet50_fpn); shrink fpn_channels,
     representation_size, sampling sizes, anchor sizes and image sizes for
-    small CPU runs. anchor_sizes holds one size per pyramid level (P2-P6)."""
-    body = build_backbone(backbone, backbone_weights, norm, trainable_layers, (1, 2, 3, 4), fpn_channels, "maxpool")
-    anchors = AnchorGenerator(tuple((s,) for s in anchor_sizes), (tuple(aspect_ratios),) * len(anchor_sizes))
+    small CPU runs. anchor_sizes holds one size per pyramid level (P2-P6), or a tuple of sizes per level.
+    returned_blocks: the ``features`` blocks the FPN reads, for a Swin / ConvNeXt / MobileNet trunk instead of
+    its four stages (torchvision's fasterrcnn_mobilenet_v3_large_fpn: (13, 16), rpn_score_thresh 0.05 and
+    anchor sizes (32, 64, 128, 256, 512) on each of its three levels)."""
+    body = build_backbone(backbone, backbone_weights, norm, trainable_layers, (1, 2, 3, 4), fpn_channels, "maxpool",
+                          returned_blocks)
+    sizes = tuple(tuple(s) if isinstance(s, (tuple, list)) else (s,) for s in anchor_sizes)
+    anchors = AnchorGenerator(sizes, (tuple(aspect_ratios),) * len(sizes))
     rpn = RegionProposalNetwork(
         anchors, RPNHead(fpn_channels, anchors.num_anchors_per_location()[0]),
         batch_size_per_image=rpn_batch_size_per_image,
         pre_nms_top_n={"training": rpn_pre_nms_top_n_train, "testing": rpn_pre_nms_top_n_test},
         post_nms_top_n={"training": rpn_post_nms_top_n_train, "testing": rpn_post_nms_top_n_test},
-        nms_thresh=rpn_nms_thresh)
+        nms_thresh=rpn_nms_thresh, score_thresh=rpn_score_thresh)
     pool = MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=2)
     roi_heads = RoIHeads(pool, TwoMLPHead(fpn_channels * 7 * 7, representation_size),
                          BoxPredictor(representation_size, num_classes),

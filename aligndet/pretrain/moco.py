@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aligndet.distributed import get_rank, get_world_size
+from aligndet.models.weights import trunk_key
 
 from .momentum import MomentumUpdater, make_momentum_copy
 
@@ -84,8 +85,11 @@ class MoCo(nn.Module):
         return self.encoder_q.backbone
 
     def backbone_state_dict(self):
-        """The query backbone's weights in torchvision names (no ``fc``): the stage-1 backbone."""
-        return self.backbone_q.state_dict()
+        """The query backbone's trunk in torchvision names (ResNet's conv1 ... layer4, the others' features.*;
+        no classifier remnant): the stage-1 backbone."""
+        state = self.backbone_q.state_dict()
+        pattern = trunk_key(state)
+        return {k: v for k, v in state.items() if pattern.match(k)}
 
     def checkpoint_weights(self):
         """What a stage-1 checkpoint holds: "backbone" (what --init reads) and the whole "model"."""

@@ -7,9 +7,11 @@ like every other model.
 import torch.nn.functional as F
 from torch import nn
 
+from aligndet.models.weights import trunk_key
+
 
 class ImageClassifier(nn.Module):
-    """A torchvision ResNet (``net``, with its ``fc``) trained with cross-entropy."""
+    """A torchvision classifier (``net``: a ResNet, Swin, ConvNeXt, MobileNet) trained with cross-entropy."""
 
     weight_dict = {"loss_ce": 1.0}
 
@@ -23,8 +25,11 @@ class ImageClassifier(nn.Module):
         return {"loss_ce": F.cross_entropy(logits, labels), "acc_top1": (logits.argmax(1) == labels).float().mean()}
 
     def backbone_state_dict(self):
-        """The ResNet's weights in torchvision names, without the classifier: what --init reads."""
-        return {k: v for k, v in self.net.state_dict().items() if not k.startswith("fc.")}
+        """The trunk's weights in torchvision names, without the classifier (ResNet's conv1 ... layer4, the
+        others' features.*): what --init reads."""
+        state = self.net.state_dict()
+        pattern = trunk_key(state)
+        return {k: v for k, v in state.items() if pattern.match(k)}
 
     def checkpoint_weights(self):
         return {"backbone": self.backbone_state_dict(), "model": self.state_dict()}
