@@ -195,6 +195,8 @@ def main():
                    "mobilenet_v2; give it its own --workdir")
     p.add_argument("--box-args", type=shlex.split, default=[],
                    help='extra train_box.py arguments, one quoted string: --box-args="--num-samples 2048"')
+    p.add_argument("--image-args", type=shlex.split, default=[],
+                   help="more train_image.py flags for the supervised stage 1, e.g. --image-args='--epochs 32'")
     p.add_argument("--moco-args", type=shlex.split, default=[],
                    help="extra train_image.py arguments for the MoCo v2 stage 1 of (d) and (e), one quoted string "
                    "(with --tag: its own stage 1 and runs)")
@@ -227,7 +229,7 @@ def main():
     box_tag = tag if args.box_args else ""  # a variant of fine-tuning only reuses the untagged stage 2
     inits = {"c": None}
     if {"a", "b"} & set(args.runs):
-        inits["a"] = stage(stages, "stage 1 (supervised)", ["train_image.py", *seed, *arch],
+        inits["a"] = stage(stages, "stage 1 (supervised)", ["train_image.py", *seed, *arch, *args.image_args],
                            os.path.join(w, "stage1_sup"),
                            os.path.join(w, "stage1_sup.log"))
         top1 = json.load(open(os.path.join(w, "stage1_sup", "metrics.json")))[-1]["top1"]

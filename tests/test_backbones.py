@@ -12,6 +12,7 @@ from aligndet.models.backbone import FEATURE_FAMILIES, FeatureBody, build_body
 from aligndet.models.weights import CheckpointError
 
 SMALL = ["resnext50_32x4d", "swin_t", "convnext_tiny", "mobilenet_v2", "mobilenet_v3_large"]
+LISTED = SMALL + ["swin_s", "swin_b", "convnext_small"]  # every family next to the ResNets
 DETECTORS = ["faster_rcnn", "mask_rcnn", "retinanet", "fcos", "detr"]
 
 
@@ -22,7 +23,7 @@ def tiny_options(detector):
     return dict(options, fpn_channels=64)  # GroupNorm(32) in FCOS's towers needs > 1 value per group on P7
 
 
-@pytest.mark.parametrize("backbone", SMALL)
+@pytest.mark.parametrize("backbone", LISTED)
 @pytest.mark.parametrize("detector", DETECTORS)
 def test_every_family_trains_a_step_and_detects_in_every_detector(backbone, detector):
     torch.manual_seed(0)
@@ -171,3 +172,43 @@ def test_torchvision_mobilenet_v3_faster_rcnn_converts_to_ours_and_back_with_equ
     assert their_losses.keys() == our_losses.keys()
     for k in their_losses:
         torch.testing.assert_close(our_losses[k], their_losses[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def squares(tmp_path_factory):
+    from conftest import write_squares_coco
+
+    return write_squares_coco(str(tmp_path_factory.mktemp("families")), num_images=4, size=64)
+
+
+@pytest.mark.parametrize("backbone", SMALL)
+@pytest.mark.parametrize("detector", ["faster_rcnn", "retinanet", "fcos", "detr"])
+def test_stage_2_and_fine_tuning_from_it_run_on_every_family(backbone, detector, squares, tmp_path):
+    """A stage-1 trunk of the family -> one train_box.py step (DETR: on k-means pseudo-classes of that trunk's
+    features) -> one finetune.py step from the box-domain checkpoint, with the same --backbone."""
+    import finetune
+    import train_box
+    from aligndet.data.clusters import cluster_cache
+    from aligndet.data.images import list_images
+    from aligndet.data.proposal_cache import import_coco_json
+    from aligndet.models.weights import trunk_key
+
+    state = getattr(torchvision.models, backbone)().state_dict()
+    init = str(tmp_path / "stage1.pth")
+    torch.save({"backbone": {k: v for k, v in state.items() if trunk_key(state).match(k)}}, init)
+    cache = str(tmp_path / "proposals")
+    import_coco_json(squares["train_json"], cache)
+    if detector == "detr":
+        records = {r.key: r.path for r in list_images(squares["train_images"], squares["train_json"])}
+        cluster_cache(cache, records, init, k=2, progress=False, log=lambda *a: None)
+    box = str(tmp_path / "box")
+    common = ["--backbone", backbone, "--detector", detector, "--batch-size", "2", "--workers", "0", "--epochs", "1",
+              "--max-iters", "1", "--device", "cpu"]
+    train_box.main(train_box.get_args_parser().parse_args(
+        common + ["--images", squares["train_images"], "--json", squares["train_json"], "--proposals", cache,
+                  "--init", init, "--output-dir", box]))
+    metrics = finetune.main(finetune.get_args_parser().parse_args(
+        common + ["--train-json", squares["train_json"], "--train-images", squares["train_images"],
+                  "--val-json", squares["val_json"], "--val-images", squares["val_images"], "--max-val-images", "2",
+                  "--init", box + "/checkpoint.pth", "--output-dir", str(tmp_path / "ft")]))
+    assert metrics and 0.0 <= metrics[-1]["AP"] <= 1.0

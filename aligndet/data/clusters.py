@@ -58,28 +58,44 @@ def cluster_dir(cache_dir):
 # ---- features -------------------------------------------------------------------------------------------------
 
 def load_feature_body(init, level):
-    """The frozen ResNet of ``init`` up to stage ``level`` (eval mode). ``init`` is a checkpoint (any layout
-    ``aligndet.models.weights`` reads; its depth is found from its tensors) or ``torchvision:<Enum>.<NAME>``."""
-    from aligndet.models.backbone import ResNetBody, load_resnet
-    from aligndet.models.weights import (TORCHVISION, CheckpointError, extract_backbone_state,
-                                         parse_torchvision_weights, read_checkpoint, resnet_name)
+    """The frozen trunk of ``init`` up to stage ``level`` (eval mode). ``init`` is a checkpoint (any layout
+    ``aligndet.models.weights`` reads; the architecture is found from its tensors: a ResNet's depth, or the
+    torchvision family whose ``features`` it fills exactly) or ``torchvision:<Enum>.<NAME>``."""
+    from aligndet.models.backbone import BACKBONES, build_body
+    from aligndet.models.weights import TORCHVISION, parse_torchvision_weights, read_checkpoint
 
     if level not in LEVEL_STRIDES:
         raise ValueError(f"unknown level {level!r}; choose one of {', '.join(LEVEL_STRIDES)}")
     if init.startswith(TORCHVISION):
-        arch = type(parse_torchvision_weights(init)).__name__.split("_")[0].lower()  # ResNet50_Weights -> resnet50
+        weights = type(parse_torchvision_weights(init))
+        arch = next((n for n in BACKBONES if torchvision.models.get_model_weights(n) is weights), None)
+        if arch is None:
+            raise ValueError(f"{init} are weights of none of the backbones ({', '.join(BACKBONES)})")
     elif not os.path.isfile(init):
         raise FileNotFoundError(f"no stage-1 checkpoint at {init} (a file, or {TORCHVISION}<Enum>.<NAME>)")
     else:
-        with torch.device("meta"):  # names and shapes only; ResNet-152's names include every smaller ResNet's
-            widest = torchvision.models.resnet152().state_dict()
-        state, _, _ = extract_backbone_state(read_checkpoint(init), widest)
-        arch = resnet_name({k: v.shape for k, v in state.items()})
-        if arch is None:
-            raise CheckpointError(f"{init} holds no ResNet of a known depth")
-    body = ResNetBody(load_resnet(arch, weights=init, norm="frozen_bn"), trainable_layers=0,
-                      returned_layers=(int(level[1]) - 1,))
+        arch = checkpoint_architecture(read_checkpoint(init), init)
+    body = build_body(arch, weights=init, norm="frozen_bn", trainable_layers=0, returned_layers=(int(level[1]) - 1,))
     return body.eval()
+
+
+def checkpoint_architecture(checkpoint, where):
+    """The ``BACKBONES`` name of the trunk inside a loaded checkpoint."""
+    from aligndet.models.backbone import BACKBONES
+    from aligndet.models.weights import CheckpointError, extract_backbone_state, trunk_key
+
+    for name in BACKBONES:  # the one whose trunk it fills exactly, names and shapes (ResNeXt is wider than ResNet)
+        with torch.device("meta"):  # names and shapes only
+            own = getattr(torchvision.models, name)().state_dict()
+        pattern = trunk_key(own)
+        own = {k: v.shape for k, v in own.items() if pattern.match(k)}
+        try:
+            state, _, _ = extract_backbone_state(checkpoint, own)
+        except CheckpointError:
+            continue
+        if {k: v.shape for k, v in state.items()} == own:
+            return name
+    raise CheckpointError(f"{where} holds no backbone of a known architecture ({', '.join(BACKBONES)})")
 
 
 @torch.inference_mode()
