@@ -14,6 +14,7 @@ from aligndet.checkpoint import CheckpointError, load_checkpoint, load_pretraine
 from aligndet.data.image_folder import ImageFolder, collate_skipping
 from aligndet.engine import cosine_lr
 from aligndet.models import build_detector
+from aligndet.models.weights import trunk_key
 from conftest import write_image_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -173,17 +174,20 @@ def test_training_skips_and_counts_unreadable_images(tmp_path, capsys):
     assert load_checkpoint(tmp_path / "out" / "checkpoint.pth")["classes"] == ["a", "b", "c"]
 
 
-@pytest.mark.parametrize("method,arch", [("supervised", "mobilenet_v3_large"), ("mocov2", "convnext_tiny")])
+@pytest.mark.parametrize("method,arch", [("supervised", "mobilenet_v3_large"), ("supervised", "mobilenet_v2"),
+                                         ("supervised", "swin_t"), ("supervised", "resnext50_32x4d"),
+                                         ("mocov2", "convnext_tiny"), ("mocov2", "swin_t")])
 def test_other_families_train_in_stage_1_and_hand_their_trunk_to_a_detector(method, arch, tmp_path):
-    """Stage 1 of a non-ResNet: the checkpoint's backbone is the classifier's features.* (no head), which
-    every detector's body loads whole."""
+    """Stage 1 of every family: the checkpoint's backbone is the classifier's trunk (no head), which every
+    detector's body loads whole."""
     train = write_image_folder(tmp_path / "train", per_class=4)
     out = tmp_path / "run"
     extra = ["--queue-size", "16", "--shuffle-splits", "2", "--knn-k", "3"] if method == "mocov2" else []
     run_main(["--method", method, "--train", train, "--val", train, "--output-dir", str(out), "--epochs", "1",
               "--max-iters", "2", *TINY[2:], "--arch", arch, *extra])
     ckpt = load_checkpoint(out / "checkpoint.pth")
-    trunk = {k for k in getattr(torchvision.models, arch)().state_dict() if k.startswith("features.")}
+    state = getattr(torchvision.models, arch)().state_dict()
+    trunk = {k for k in state if trunk_key(state).match(k)}  # conv1 ... layer4, or features.*: no classifier
     assert set(ckpt["backbone"]) == trunk and ckpt["args"]["arch"] == arch
     model = build_detector("faster_rcnn", 2, backbone=arch, norm="bn", trainable_layers=5, min_size=64, max_size=64)
     report = load_pretrained(model, str(out / "checkpoint.pth"), log=lambda *a: None, backbone=arch)
