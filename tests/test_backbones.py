@@ -106,6 +106,62 @@ def test_weights_of_the_family_load_from_a_file_a_prefixed_checkpoint_and_torchv
         build_body("mobilenet_v3_large", str(tmp_path / "mbv2.pth"))
 
 
+def authors_swin_names(state, window=7):
+    """A torchvision Swin state dict written in the Swin authors' naming, as their code and SimMIM save it:
+    patch_embed, layers.i.blocks.j (mlp.fc1 / fc2), layers.i.downsample, a square relative-position index and
+    the shifted blocks' attention masks."""
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if parts[0] != "features":
+            out[key] = value  # norm, head
+            continue
+        index = int(parts[1])
+        if index == 0:
+            out[f"patch_embed.{'proj' if parts[2] == '0' else 'norm'}.{parts[3]}"] = value
+        elif index % 2:
+            rest = ".".join(parts[3:]).replace("mlp.0.", "mlp.fc1.").replace("mlp.3.", "mlp.fc2.")
+            if rest == "attn.relative_position_index":
+                value = value.reshape(window * window, window * window)
+            out[f"layers.{index // 2}.blocks.{parts[2]}.{rest}"] = value
+            if rest == "norm1.weight" and int(parts[2]) % 2:
+                out[f"layers.{index // 2}.blocks.{parts[2]}.attn_mask"] = torch.zeros(4, window ** 2, window ** 2)
+        else:
+            out[f"layers.{index // 2 - 1}.downsample.{'.'.join(parts[2:])}"] = value
+    return out
+
+
+def test_swin_in_its_authors_naming_loads_from_a_simmim_checkpoint(tmp_path):
+    """SimMIM's checkpoints hold the encoder in the original Swin naming under 'encoder.', beside its mask token
+    and decoder: the same trunk, renamed, gives the same features."""
+    torch.manual_seed(2)
+    swin = torchvision.models.swin_t().eval()
+    state = authors_swin_names(swin.state_dict())
+    assert "layers.2.blocks.5.mlp.fc2.weight" in state and "layers.0.downsample.reduction.weight" in state
+    torch.save({"model": {**{f"encoder.{k}": v for k, v in state.items()}, "encoder.mask_token": torch.zeros(1, 1, 96),
+                          "decoder.0.weight": torch.zeros(3072, 768, 1, 1)}, "epoch": 99}, tmp_path / "simmim.pth")
+    lines = []
+    body = build_body("swin_t", str(tmp_path / "simmim.pth"), norm="bn")
+    report = weights_module.load_backbone_weights(build_body("swin_t"), str(tmp_path / "simmim.pth"),
+                                                  log=lines.append, arch="swin_t")
+    assert not report["missing"] and "prefix 'encoder.'" in lines[0], lines
+    assert "encoder.mask_token" in report["unexpected"] and "decoder.0.weight" in report["unexpected"]
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(body.eval()(x)["3"], swin.features(x).permute(0, 3, 1, 2), atol=1e-5)
+
+    # SimMIM pre-trains at window 6: its bias tables (11 x 11 offsets) are resized to window 7's (13 x 13)
+    small = {k: (torch.full((121, v.shape[1]), 0.25) if k.endswith("relative_position_bias_table") else v)
+             for k, v in state.items() if not k.endswith(("relative_position_index", "attn_mask"))}
+    torch.save({"model": {f"encoder.{k}": v for k, v in small.items()}}, tmp_path / "window6.pth")
+    resized = build_body("swin_t", str(tmp_path / "window6.pth"), norm="bn")
+    table = resized.features[5][3].attn.relative_position_bias_table
+    assert table.shape == (169, 12) and torch.allclose(table, torch.full_like(table, 0.25))
+    assert torch.equal(resized.features[5][3].attn.qkv.weight, swin.features[5][3].attn.qkv.weight)
+    with pytest.raises(CheckpointError, match="does not fit convnext_tiny"):
+        build_body("convnext_tiny", str(tmp_path / "simmim.pth"))
+
+
 def test_a_feature_body_returns_only_the_asked_stages():
     body = FeatureBody(torchvision.models.convnext_tiny().features, (1, 2, 4, 6), returned_layers=(2, 4)).eval()
     with torch.no_grad():

@@ -8,7 +8,10 @@ A source is one of
     torchvision state dict, ours (``{"backbone": ...}``, ``{"model": ...}``),
     MoCo v1/v2 (``module.encoder_q.``), MoCo v3 (``module.base_encoder.``), SwAV
     (``module.``), DINO (``teacher`` / ``student``), DenseCL / mmselfsup
-    (``backbone.``), or a whole detector of ours (``backbone.body.``).
+    (``backbone.``), or a whole detector of ours (``backbone.body.``); for the
+    other families the classifier's ``features.*`` under any such prefix, and Swin
+    in the original naming of its authors' code, which SimMIM's checkpoints use
+    (``encoder.layers.0.blocks.0.attn.qkv.weight``; ``official_swin_names``).
 
 No layout is special-cased. Among the checkpoint and the dicts under a few
 usual keys (``state_dict``, ``model``, ``teacher``, ...) we look for the prefix
@@ -42,6 +45,20 @@ MIN_LOADED = 0.5  # refuse a checkpoint that fills less than this fraction of th
 LAYOUTS = {(False, (2, 2, 2, 2)): "resnet18", (False, (3, 4, 6, 3)): "resnet34",
            (True, (3, 4, 6, 3)): "resnet50", (True, (3, 4, 23, 3)): "resnet101", (True, (3, 8, 36, 3)): "resnet152"}
 NBT = "num_batches_tracked"
+# Buffers that a model computes from its own settings (Swin's window): never counted, never required.
+DERIVED = ("relative_position_index",)
+# The original Swin code's names (the authors' repository, SimMIM) -> torchvision's, after any prefix:
+# patch_embed = features.0 (conv, permute, norm); layers.i.blocks = features.2i+1; layers.i.downsample =
+# features.2i+2; the MLP's fc1 / fc2 are torchvision's MLP indices 0 / 3.
+OFFICIAL_SWIN = [
+    (re.compile(r"(.*?)patch_embed\.proj\.(.+)"), lambda m: f"{m[1]}features.0.0.{m[2]}"),
+    (re.compile(r"(.*?)patch_embed\.norm\.(.+)"), lambda m: f"{m[1]}features.0.2.{m[2]}"),
+    (re.compile(r"(.*?)layers\.(\d+)\.blocks\.(\d+)\.mlp\.fc([12])\.(.+)"),
+     lambda m: f"{m[1]}features.{2 * int(m[2]) + 1}.{m[3]}.mlp.{0 if m[4] == '1' else 3}.{m[5]}"),
+    (re.compile(r"(.*?)layers\.(\d+)\.blocks\.(\d+)\.(.+)"),
+     lambda m: f"{m[1]}features.{2 * int(m[2]) + 1}.{m[3]}.{m[4]}"),
+    (re.compile(r"(.*?)layers\.(\d+)\.downsample\.(.+)"), lambda m: f"{m[1]}features.{2 * int(m[2]) + 2}.{m[3]}"),
+]
 
 
 class CheckpointError(RuntimeError):
@@ -119,6 +136,8 @@ def extract_backbone_state(checkpoint, arch_keys):
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"expected a dict, found a {type(checkpoint).__name__}")
     pattern = trunk_key(arch_keys)
+    if pattern is FEATURES_KEY:  # a Swin in its authors' naming fits a torchvision Swin, and is refused by the rest
+        checkpoint = official_swin_names(checkpoint, arch_keys)
     names = {k for k in arch_keys if pattern.match(k)}
     best = None  # ((matches, preference), container, prefix)
     for container in ("", *CONTAINERS):
@@ -151,6 +170,50 @@ def extract_backbone_state(checkpoint, arch_keys):
             dropped.append(key)
     where = f"under {container!r}" if container else "top level"
     return state, f"{where}, prefix {prefix!r}" if prefix else f"{where}, no prefix", dropped
+
+
+def official_swin_names(checkpoint, arch_keys):
+    """A checkpoint in the Swin authors' naming (``layers.0.blocks.0.attn.qkv.weight``, SimMIM's
+    ``encoder.`` + that), renamed to torchvision's (``features.1.0.attn.qkv.weight``) at the top level and in
+    each usual container; any other checkpoint is returned as it is.
+
+    The window's relative-position index and the shifted windows' attention masks are dropped (buffers the
+    model makes for its own window size). A relative-position bias table of another window size (SimMIM
+    pre-trains at window 6, torchvision's Swin has window 7) is resized bicubically per head to the model's,
+    as detection codebases do when they fine-tune at another window size.
+    """
+    rows = {tuple(v)[0] for k, v in arch_keys.items() if k.endswith("relative_position_bias_table")}
+    rows = rows.pop() if len(rows) == 1 else None  # one window size in every stage
+
+    def rename(tensors):
+        if not any(torch.is_tensor(v) and ".blocks." in k and "layers." in k for k, v in tensors.items()):
+            return tensors
+        out = {}
+        for key, value in tensors.items():
+            if key.endswith(("relative_position_index", "attn_mask")):
+                continue
+            for pattern, new in OFFICIAL_SWIN:
+                match = pattern.fullmatch(key) if torch.is_tensor(value) else None
+                if match:
+                    key = new(match)
+                    break
+            if key.endswith("relative_position_bias_table") and rows:
+                value = _resize_bias_table(value, rows)
+            out[key] = value
+        return out
+
+    checkpoint = rename(checkpoint)
+    return {k: rename(v) if k in CONTAINERS and isinstance(v, dict) else v for k, v in checkpoint.items()}
+
+
+def _resize_bias_table(table, rows):
+    """A Swin relative-position bias table [(2w-1)^2, heads] resized to ``rows`` = (2W-1)^2 entries."""
+    if table.shape[0] == rows:
+        return table
+    old, new = round(table.shape[0] ** 0.5), round(rows ** 0.5)
+    grid = table.t().reshape(1, table.shape[1], old, old).float()
+    grid = torch.nn.functional.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
+    return grid.reshape(table.shape[1], rows).t().contiguous().to(table.dtype)
 
 
 def trunk_key(arch_keys):
@@ -233,10 +296,11 @@ def load_backbone_weights(resnet, source, log=print, arch=None):
     loaded = [k for k in state if k in own and state[k].shape == own[k]]
     mismatched = [f"{k} checkpoint {tuple(state[k].shape)} vs model {tuple(own[k])}"
                   for k in state if k in own and state[k].shape != own[k]]
-    extra = [k for k in state if k not in own and not k.endswith(NBT)]  # trunk tensors the model lacks
-    missing = [k for k in own if k not in state and not k.endswith(NBT)]
-    counted = sum(not k.endswith(NBT) for k in loaded)
-    total = sum(not k.endswith(NBT) for k in own)
+    uncounted = (NBT, *DERIVED)
+    extra = [k for k in state if k not in own and not k.endswith(uncounted)]  # trunk tensors the model lacks
+    missing = [k for k in own if k not in state and not k.endswith(uncounted)]
+    counted = sum(not k.endswith(uncounted) for k in loaded)
+    total = sum(not k.endswith(uncounted) for k in own)
     arch = arch or "the model"
     found = {k: v.shape for k, v in state.items()}
     # Another depth or width never loads in part: a half-loaded trunk trains, but badly and silently.
