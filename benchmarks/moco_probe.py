@@ -10,13 +10,17 @@ fresh colour (``--recolour``), before MoCo v2's usual augmentation. With both at
 digit's shape (and the crop's scale and position) is shared by the two views.
 
 It trains ``aligndet.pretrain.moco.MoCo`` with ``train_image.py``'s demo MoCo v2 preset (ResNet-18,
-batch 64, SGD lr 0.24 per 256, one warm-up epoch then cosine over ``--total-epochs``, queue
+batch 64 (`--batch-size`), SGD lr 0.24 per 256, one warm-up epoch then cosine over ``--total-epochs``, queue
 1,024, m 0.99, T 0.2) and prints, every epoch, the loss, the instance top-1 and the k-NN top-1
 on the digit classes of the 1,000 val object images (bank: the training images as stored).
 ``--optimizer adamw`` trains with the demo supervised preset's AdamW instead (lr 0.016 per 256, wd 0.05);
 ``--crop-scale`` and ``--blur-sigma`` change MoCo v2's crops and blur.
 ``--in-batch-negatives`` adds the current batch's other keys to the queue's negatives: then a
 positive cannot win only by being the one key in its logits made by this step's key encoder.
+``--plain`` is the control: every image (training, bank and val) is its digit in white on black, with no
+background photo and no colour, as in MNIST; ``--swap`` and ``--recolour`` are then ignored.
+``--simclr`` swaps MoCo for a second, independent contrastive learner on the same encoder, head and views:
+SimCLR's NT-Xent over the 2B views of a batch (no momentum encoder, no queue, batch norm over the whole batch).
 
     python benchmarks/moco_probe.py --swap 1 --recolour 1 --epochs 5 --total-epochs 30
 """
@@ -96,6 +100,35 @@ class InBatchMoCo(MoCo):
                 "acc_top1": (logits.argmax(1) == 0).float().mean()}
 
 
+class SimCLR(torch.nn.Module):
+    """NT-Xent (Chen et al., 2020): each view's positive is the other view of its image, the other 2B - 2
+    views of the batch are its negatives."""
+
+    def __init__(self, encoder, feature_dim, dim=128, temperature=0.2):
+        super().__init__()
+        self.backbone_q = encoder
+        self.head = torch.nn.Sequential(torch.nn.Linear(feature_dim, feature_dim), torch.nn.ReLU(inplace=True),
+                                        torch.nn.Linear(feature_dim, dim))
+        self.temperature = temperature
+
+    def forward(self, im_q, im_k):
+        z = F.normalize(self.head(self.backbone_q(torch.cat([im_q, im_k]))), dim=1)  # [2B, dim]
+        n = len(im_q)
+        logits = (z @ z.T / self.temperature).fill_diagonal_(float("-inf"))
+        target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)])
+        return {"loss_contrastive": F.cross_entropy(logits, target),
+                "acc_top1": (logits.argmax(1) == target).float().mean()}
+
+    def after_step(self, step):
+        pass
+
+
+def plain_layers(layers):
+    """The same digits, sizes and places in white on a black background."""
+    return [(np.zeros_like(background), alpha, np.full(3, 255.0, np.float32), label)
+            for background, alpha, _, label in layers]
+
+
 def stored_set(layers, transform, batch=256):
     """[(images, digit classes)] batches of the images as the demo stores them."""
     images = torch.stack([transform(Image.fromarray(demo.compose(*layer[:3]))) for layer in layers])
@@ -108,6 +141,9 @@ def main():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--swap", type=float, default=1.0, help="probability that a view gets a new background")
     p.add_argument("--recolour", type=float, default=0.0, help="probability that a view's digit gets a new colour")
+    p.add_argument("--plain", action="store_true", help="white digits on black, no photo, no colour (the control)")
+    p.add_argument("--simclr", action="store_true", help="SimCLR's in-batch loss in place of MoCo (the control)")
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--in-batch-negatives", action="store_true", help="the batch's other keys are negatives too")
     p.add_argument("--shuffle-splits", type=int, default=8, help="shuffle-BN groups (the demo preset's 8)")
     p.add_argument("--epochs", type=int, default=3, help="epochs to run")
@@ -126,6 +162,9 @@ def main():
     parts = demo.fetch_parts()
     train, backgrounds = demo_object_layers(parts, "train", 4000)
     val, _ = demo_object_layers(parts, "val", 1000)
+    if args.plain:
+        train, val = plain_layers(train), plain_layers(val)
+        args.swap = args.recolour = 0.0
     view = build_moco_v2_transform(64, tuple(args.crop_scale), blur_sigma=tuple(args.blur_sigma), jitter_strength=0.5,
                                    grayscale=0.2)
     evaluation = classification_eval_transforms(64, 64)
@@ -133,17 +172,24 @@ def main():
 
     resnet = torchvision.models.resnet18(weights=None)
     resnet.fc = torch.nn.Identity()
-    model = (InBatchMoCo if args.in_batch_negatives else MoCo)(
-        resnet, 512, queue_size=1024, momentum=0.99, temperature=0.2, shuffle_splits=args.shuffle_splits)
+    if args.simclr:
+        model = SimCLR(resnet, 512)
+    else:
+        model = (InBatchMoCo if args.in_batch_negatives else MoCo)(
+            resnet, 512, queue_size=1024, momentum=0.99, temperature=0.2, shuffle_splits=args.shuffle_splits)
     adamw = args.optimizer == "adamw"
-    base_lr = (args.lr or (0.016 if adamw else 0.24)) * 64 / 256
+    base_lr = (args.lr or (0.016 if adamw else 0.24)) * args.batch_size / 256
     weight_decay = args.weight_decay if args.weight_decay is not None else (0.05 if adamw else 5e-4)
     optimizer = build_optimizer(model, SimpleNamespace(optimizer=args.optimizer, weight_decay=weight_decay,
                                                        momentum=0.9), base_lr)
     loader = torch.utils.data.DataLoader(SwappedViews(train, backgrounds, view, args.swap, args.recolour),
-                                         batch_size=64, shuffle=True, drop_last=True)
+                                         batch_size=args.batch_size, shuffle=True,
+                                         drop_last=True)
     per_epoch, step = len(loader), 0
-    chance = math.log(1025 + (63 if args.in_batch_negatives else 0))  # ln(number of logits)
+    if args.simclr:
+        chance = math.log(2 * args.batch_size - 1)
+    else:
+        chance = math.log(1025 + (args.batch_size - 1 if args.in_batch_negatives else 0))  # ln(number of logits)
     total = args.total_epochs * per_epoch
 
     def knn():
