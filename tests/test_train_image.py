@@ -176,7 +176,9 @@ def test_training_skips_and_counts_unreadable_images(tmp_path, capsys):
 
 @pytest.mark.parametrize("method,arch", [("supervised", "mobilenet_v3_large"), ("supervised", "mobilenet_v2"),
                                          ("supervised", "swin_t"), ("supervised", "resnext50_32x4d"),
-                                         ("mocov2", "convnext_tiny"), ("mocov2", "swin_t")])
+                                         ("mocov2", "convnext_tiny"), ("mocov2", "swin_t"),
+                                         ("supervised", "convnext_small"), ("mocov2", "swin_s"),
+                                         ("supervised", "swin_b")])
 def test_other_families_train_in_stage_1_and_hand_their_trunk_to_a_detector(method, arch, tmp_path):
     """Stage 1 of every family: the checkpoint's backbone is the classifier's trunk (no head), which every
     detector's body loads whole."""
