@@ -10,7 +10,7 @@ fresh colour (``--recolour``), before MoCo v2's usual augmentation. With both at
 digit's shape (and the crop's scale and position) is shared by the two views.
 
 It trains ``aligndet.pretrain.moco.MoCo`` with ``train_image.py``'s demo MoCo v2 preset (ResNet-18,
-batch 64 (`--batch-size`), SGD lr 0.24 per 256, one warm-up epoch then cosine over ``--total-epochs``, queue
+batch 64 (``--batch-size``), SGD lr 0.24 per 256, one warm-up epoch then cosine over ``--total-epochs``, queue
 1,024, m 0.99, T 0.2) and prints, every epoch, the loss, the instance top-1 and the k-NN top-1
 on the digit classes of the 1,000 val object images (bank: the training images as stored).
 ``--optimizer adamw`` trains with the demo supervised preset's AdamW instead (lr 0.016 per 256, wd 0.05);
@@ -143,7 +143,7 @@ def main():
     p.add_argument("--recolour", type=float, default=0.0, help="probability that a view's digit gets a new colour")
     p.add_argument("--plain", action="store_true", help="white digits on black, no photo, no colour (the control)")
     p.add_argument("--simclr", action="store_true", help="SimCLR's in-batch loss in place of MoCo (the control)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="images per step (the demo preset's 64)")
     p.add_argument("--in-batch-negatives", action="store_true", help="the batch's other keys are negatives too")
     p.add_argument("--shuffle-splits", type=int, default=8, help="shuffle-BN groups (the demo preset's 8)")
     p.add_argument("--epochs", type=int, default=3, help="epochs to run")
@@ -162,9 +162,10 @@ def main():
     parts = demo.fetch_parts()
     train, backgrounds = demo_object_layers(parts, "train", 4000)
     val, _ = demo_object_layers(parts, "val", 1000)
+    swap, recolour = args.swap, args.recolour
     if args.plain:
         train, val = plain_layers(train), plain_layers(val)
-        args.swap = args.recolour = 0.0
+        swap = recolour = 0.0
     view = build_moco_v2_transform(64, tuple(args.crop_scale), blur_sigma=tuple(args.blur_sigma), jitter_strength=0.5,
                                    grayscale=0.2)
     evaluation = classification_eval_transforms(64, 64)
@@ -182,9 +183,8 @@ def main():
     weight_decay = args.weight_decay if args.weight_decay is not None else (0.05 if adamw else 5e-4)
     optimizer = build_optimizer(model, SimpleNamespace(optimizer=args.optimizer, weight_decay=weight_decay,
                                                        momentum=0.9), base_lr)
-    loader = torch.utils.data.DataLoader(SwappedViews(train, backgrounds, view, args.swap, args.recolour),
-                                         batch_size=args.batch_size, shuffle=True,
-                                         drop_last=True)
+    loader = torch.utils.data.DataLoader(SwappedViews(train, backgrounds, view, swap, recolour),
+                                         batch_size=args.batch_size, shuffle=True, drop_last=True)
     per_epoch, step = len(loader), 0
     if args.simclr:
         chance = math.log(2 * args.batch_size - 1)
