@@ -15,6 +15,7 @@ batch 64 (``--batch-size``), SGD lr 0.24 per 256, one warm-up epoch then cosine 
 on the digit classes of the 1,000 val object images (bank: the training images as stored).
 ``--optimizer adamw`` trains with the demo supervised preset's AdamW instead (lr 0.016 per 256, wd 0.05);
 ``--crop-scale`` and ``--blur-sigma`` change MoCo v2's crops and blur.
+``--queue-size`` and ``--momentum`` change the queue's length and the key encoder's m.
 ``--in-batch-negatives`` adds the current batch's other keys to the queue's negatives: then a
 positive cannot win only by being the one key in its logits made by this step's key encoder.
 ``--plain`` is the control: every image (training, bank and val) is its digit in white on black, with no
@@ -146,6 +147,8 @@ def main():
     p.add_argument("--batch-size", type=int, default=64, help="images per step (the demo preset's 64)")
     p.add_argument("--in-batch-negatives", action="store_true", help="the batch's other keys are negatives too")
     p.add_argument("--shuffle-splits", type=int, default=8, help="shuffle-BN groups (the demo preset's 8)")
+    p.add_argument("--queue-size", type=int, default=1024, help="negative keys kept (the demo preset's 1,024)")
+    p.add_argument("--momentum", type=float, default=0.99, help="m of the key encoder's EMA (the demo preset's 0.99)")
     p.add_argument("--epochs", type=int, default=3, help="epochs to run")
     p.add_argument("--total-epochs", type=int, default=10, help="length of the cosine schedule")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd",
@@ -177,7 +180,8 @@ def main():
         model = SimCLR(resnet, 512)
     else:
         model = (InBatchMoCo if args.in_batch_negatives else MoCo)(
-            resnet, 512, queue_size=1024, momentum=0.99, temperature=0.2, shuffle_splits=args.shuffle_splits)
+            resnet, 512, queue_size=args.queue_size, momentum=args.momentum, temperature=0.2,
+            shuffle_splits=args.shuffle_splits)
     adamw = args.optimizer == "adamw"
     base_lr = (args.lr or (0.016 if adamw else 0.24)) * args.batch_size / 256
     weight_decay = args.weight_decay if args.weight_decay is not None else (0.05 if adamw else 5e-4)
@@ -189,7 +193,7 @@ def main():
     if args.simclr:
         chance = math.log(2 * args.batch_size - 1)
     else:
-        chance = math.log(1025 + (args.batch_size - 1 if args.in_batch_negatives else 0))  # ln(number of logits)
+        chance = math.log(1 + args.queue_size + (args.batch_size - 1 if args.in_batch_negatives else 0))  # ln(logits)
     total = args.total_epochs * per_epoch
 
     def knn():
